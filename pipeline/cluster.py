@@ -1,0 +1,30 @@
+"""Connecting to Ray: the configured cluster, or a local one when no address is set."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pipeline.errors import PipelineError
+from pipeline.settings import Settings
+
+
+def init_ray(settings: Settings, **kwargs) -> None:
+    """Join ``settings.ray_address`` (or start a local Ray) with the storage env for every worker."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {**settings.s3_env(), "MLFLOW_TRACKING_URI": settings.mlflow_uri, "DENOISE_BUCKET": settings.bucket}
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "DENOISE_SETTINGS"):
+        if os.environ.get(name):
+            env_vars[name] = os.environ[name]
+    runtime_env = kwargs.pop("runtime_env", {}) or {}
+    runtime_env["env_vars"] = {**env_vars, **runtime_env.get("env_vars", {})}
+    try:
+        ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True,
+                 logging_level=logging.WARNING, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = settings.ray_address or "a new local cluster"
+        raise PipelineError(f"cannot connect to Ray at {where}: {str(exc).splitlines()[0]}; "
+                            f"start the local stack with `make up` or set RAY_ADDRESS") from None

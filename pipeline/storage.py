@@ -1,0 +1,132 @@
+"""Filesystems for one configured S3 endpoint (or a local folder), and whole-object writes.
+
+pyarrow's S3FileSystem ignores ``AWS_ENDPOINT_URL``, so both the pyarrow filesystem (for
+Ray Data and Ray Train) and the s3fs filesystem (for listing and small objects) are built
+here from the same settings. s3fs instances are not fork-safe: build them inside the task
+or actor that uses them, from the (picklable) settings.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import fsspec
+import pyarrow.fs as pafs
+
+from pipeline.errors import PipelineError
+from pipeline.settings import Settings
+
+
+class StorageError(PipelineError):
+    """The object store can't be used as configured."""
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def strip_scheme(uri: str) -> str:
+    """``s3://bucket/key`` -> ``bucket/key``; a local path becomes absolute."""
+    return uri[len("s3://"):].rstrip("/") if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+def s3fs_filesystem(settings: Settings):
+    import s3fs
+
+    key, secret = settings.credentials()
+    return s3fs.S3FileSystem(
+        key=key, secret=secret, anon=False, skip_instance_cache=True,
+        client_kwargs={"endpoint_url": settings.s3_endpoint, "region_name": settings.s3_region},
+        config_kwargs={"connect_timeout": 5, "retries": {"max_attempts": 2}},
+    )
+
+
+def arrow_filesystem(settings: Settings) -> pafs.S3FileSystem:
+    key, secret = settings.credentials()
+    return pafs.S3FileSystem(
+        access_key=key, secret_key=secret, endpoint_override=settings.s3_host,
+        scheme=settings.s3_scheme, region=settings.s3_region, connect_timeout=5, request_timeout=60,
+        allow_bucket_creation=False,
+    )
+
+
+def arrow_fs_for(uri: str, settings: Settings) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and bare path for an ``s3://`` URI or a local path."""
+    if is_s3(uri):
+        return arrow_filesystem(settings), strip_scheme(uri)
+    return pafs.LocalFileSystem(), strip_scheme(uri)
+
+
+def fsspec_for(uri: str, settings: Settings):
+    """The fsspec filesystem and bare path for an ``s3://`` URI or a local path."""
+    if is_s3(uri):
+        return s3fs_filesystem(settings), strip_scheme(uri)
+    return fsspec.filesystem("file"), strip_scheme(uri)
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def write_atomic(fs, path: str, data: bytes) -> None:
+    """Write under a temporary name, then move into place, so readers never see half an object."""
+    parent = path.rsplit("/", 1)[0]
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{path.rsplit('/', 1)[-1]}"
+    if not is_s3_fs(fs):
+        os.makedirs(parent, exist_ok=True)
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    try:
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def is_s3_fs(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("s3", "s3a")
+
+
+def describe_s3_error(exc: BaseException, settings: Settings, bucket: str | None = None) -> str:
+    """Turn a botocore/aiobotocore failure into one line that says what to fix."""
+    import botocore.exceptions as bce
+
+    bucket = bucket or settings.bucket
+    where = f"S3 endpoint {settings.s3_endpoint}"
+    if isinstance(exc, (bce.EndpointConnectionError, bce.ConnectTimeoutError, ConnectionError, OSError)) \
+            and not isinstance(exc, (FileNotFoundError, PermissionError)):
+        return (f"cannot reach {where} ({type(exc).__name__}); start the local stack with `make up` "
+                f"or set DENOISE_S3_ENDPOINT to a reachable endpoint")
+    if isinstance(exc, bce.NoCredentialsError):
+        return f"no S3 credentials for {where}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+    code = ""
+    if isinstance(exc, bce.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+    if isinstance(exc, FileNotFoundError) or code in ("404", "NoSuchBucket"):
+        return f"bucket '{bucket}' does not exist at {where}; create it or set DENOISE_BUCKET"
+    if isinstance(exc, PermissionError) or code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                                                     "AccessDenied"):
+        return (f"{where} rejected the credentials ({code or 'access denied'}); check AWS_ACCESS_KEY_ID "
+                f"and AWS_SECRET_ACCESS_KEY (the local stack writes them to .local/stack.env)")
+    return f"{where} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def check_storage(settings: Settings, bucket: str | None = None) -> None:
+    """Fail fast, with a fix, when the endpoint, the keys or the bucket are wrong."""
+    import boto3
+    import botocore.config
+    import botocore.exceptions as bce
+
+    key, secret = settings.credentials()
+    client = boto3.client(
+        "s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
+        aws_access_key_id=key, aws_secret_access_key=secret,
+        config=botocore.config.Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}),
+    )
+    try:
+        client.head_bucket(Bucket=bucket or settings.bucket)
+    except (bce.BotoCoreError, bce.ClientError) as exc:
+        raise StorageError(describe_s3_error(exc, settings, bucket)) from None
