@@ -32,6 +32,15 @@ from PIL import Image, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 100_000_000
 
 _EXIF_ORIENTATION = 0x0112
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+    (b"GIF8", "GIF"),
+    (b"RIFF", "WEBP"),
+)
 _SIXTEEN_BIT_COLOUR_RAWMODE = re.compile(r"^RGBA?;16[BLN]$")
 _SIXTEEN_BIT_GRAY = {"I;16", "I;16L", "I;16B", "I;16N"}
 
@@ -62,9 +71,10 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         try:
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
-            raise ImageError("not an image (unrecognised format)") from None
-        except Image.DecompressionBombError:
-            raise ImageError("decoded size exceeds limit") from None
+            known = _format_by_signature(data)
+            raise ImageError(f"corrupt {known} header" if known else "not an image (unrecognised format)") from None
+        except Image.DecompressionBombError as exc:
+            raise _bomb_error(exc, max_pixels) from None
         except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
             raise ImageError(f"corrupt image header: {exc}") from None
         width, height = image.size
@@ -73,8 +83,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         try:
             pixels = _pixels(image, data)
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-        except Image.DecompressionBombError:
-            raise ImageError("decoded size exceeds limit") from None
+        except Image.DecompressionBombError as exc:
+            raise _bomb_error(exc, max_pixels) from None
         except ImageError:
             raise
         except (OSError, SyntaxError, ValueError, struct.error, EOFError, zlib.error) as exc:
@@ -82,6 +92,23 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                 raise ImageError("decoded size exceeds limit") from None
             raise ImageError(f"truncated or corrupt {image.format}: {exc}") from None
     return np.ascontiguousarray(apply_orientation(pixels, orientation))
+
+
+def _format_by_signature(data: bytes) -> str | None:
+    """Format named by a file's magic bytes, to tell a damaged image from a non-image."""
+    for signature, name in _SIGNATURES:
+        if data.startswith(signature):
+            return name
+    return None
+
+
+def _bomb_error(exc: Exception, max_pixels: int) -> ImageError:
+    # Pillow refuses huge headers (over twice Image.MAX_IMAGE_PIXELS) while opening,
+    # before our own check; its message carries the pixel count.
+    claimed = re.search(r"\((\d+) pixels\)", str(exc))
+    if claimed and int(claimed[1]) > max_pixels:
+        return ImageError(f"too large: {claimed[1]} px > limit {max_pixels}")
+    return ImageError("decoded size exceeds limit")
 
 
 def _pixels(image: Image.Image, data: bytes) -> np.ndarray:
