@@ -16,7 +16,7 @@ def init_ray(settings: Settings, **kwargs) -> None:
     if ray.is_initialized():
         return
     env_vars = {**settings.s3_env(), "MLFLOW_TRACKING_URI": settings.mlflow_uri, "DENOISE_BUCKET": settings.bucket}
-    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "DENOISE_SETTINGS"):
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "DENOISE_SETTINGS", "MLFLOW_DISABLE_TELEMETRY"):
         if os.environ.get(name):
             env_vars[name] = os.environ[name]
     runtime_env = kwargs.pop("runtime_env", {}) or {}

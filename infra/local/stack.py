@@ -145,6 +145,7 @@ def stack_env() -> dict[str, str]:
         "DENOISE_BUCKET": BUCKET,
         "MLFLOW_TRACKING_URI": f"http://{HOST}:{PORTS['mlflow']}",
         "RAY_ADDRESS": f"{HOST}:{PORTS['ray_gcs']}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN_PATH": str(ray_token_path()),
     }

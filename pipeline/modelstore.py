@@ -1,0 +1,159 @@
+"""Trained denoisers in MLflow's registry or as checkpoint folders, behind one URI.
+
+A registered version carries two things: an ``mlflow.pytorch`` model (a module mapping a
+noisy batch to a denoised one, for ``mlflow.pyfunc`` users) and our own checkpoint files
+(``model.pt`` + ``model.json``) as extra files, which is what the jobs load, with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_files, load_checkpoint_files
+from pipeline.diffusion import sample
+from pipeline.errors import PipelineError
+from pipeline.model import UNet
+from pipeline.settings import Settings
+from pipeline.storage import fsspec_for, join
+
+DEFAULT_MODEL_URI = "models:/denoiser@champion"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ModelLoadError(PipelineError):
+    """The model URI does not lead to a loadable denoiser."""
+
+
+@dataclass
+class Denoiser:
+    model: UNet
+    T: int
+    uri: str
+    name: str | None = None
+    version: str | None = None
+
+
+class SamplingDenoiser(nn.Module):
+    """What ``mlflow.pytorch`` serves: noisy (B,3,H,W) in [0,1] -> denoised, with a fixed sampler."""
+
+    def __init__(self, model: UNet, *, T: int, sampler: str = "improved", steps: int | None = None):
+        super().__init__()
+        self.model, self.T, self.sampler, self.steps = model, T, sampler, steps
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return sample(self.model, y, T=self.T, steps=self.steps, sampler=self.sampler).clamp(0, 1)
+
+
+def log_denoiser(model: UNet, *, T: int, registered_name: str | None = None, artifact_name: str = "model",
+                 sampler: str = "improved", steps: int | None = None, input_example=None, extra: dict | None = None):
+    """Log to the active MLflow run (and register when a name is given); returns the ModelInfo."""
+    import mlflow.pytorch
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    model = model.eval().cpu()
+    served = SamplingDenoiser(model, T=T, sampler=sampler, steps=steps)
+    if input_example is None:
+        input_example = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
+    with torch.no_grad():
+        output = served(torch.as_tensor(input_example)).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, data in checkpoint_files(model, T=T, extra=extra).items():
+            (Path(tmp) / name).write_bytes(data)
+            paths.append(str(Path(tmp) / name))
+        return mlflow.pytorch.log_model(
+            served, name=artifact_name, signature=infer_signature(input_example, output),
+            registered_model_name=registered_name, extra_files=paths, code_paths=[str(PACKAGE_DIR)],
+            serialization_format="pickle", await_registration_for=60,
+        )
+
+
+def _registry_version(uri: str, settings: Settings):
+    """``models:/name@alias`` or ``models:/name/N`` -> (name, ModelVersion)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    ref = uri[len("models:/"):]
+    client = mlflow.MlflowClient(settings.mlflow_uri)
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return name, client.get_model_version_by_alias(name, alias)
+        name, _, version = ref.partition("/")
+        return name, client.get_model_version(name, version)
+    except MlflowException as exc:
+        detail = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0]
+        raise ModelLoadError(f"cannot resolve {uri} in the MLflow registry at {settings.mlflow_uri}: {detail}") from None
+
+
+def _files_from_folder(fs, root: str) -> dict[str, bytes]:
+    found = {}
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        path = join(root, name)
+        if fs.exists(path):
+            found[name] = fs.cat_file(path)
+    return found
+
+
+def load_denoiser(uri: str = DEFAULT_MODEL_URI, settings: Settings | None = None) -> Denoiser:
+    """Load from the registry (``models:/...``) or a checkpoint folder (s3:// or local)."""
+    import mlflow
+
+    settings = settings or Settings()
+    name = version = None
+    try:
+        if uri.startswith("models:/"):
+            name, mv = _registry_version(uri, settings)
+            version = str(mv.version)
+            mlflow.set_tracking_uri(settings.mlflow_uri)
+            with tempfile.TemporaryDirectory() as tmp:
+                local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
+                hits = sorted(Path(local).rglob(CONFIG_FILE))
+                if not hits:
+                    raise ModelLoadError(f"{uri} (version {version}) has no {CONFIG_FILE}; was it logged by log_denoiser?")
+                files = _files_from_folder(fsspec_for(str(hits[0].parent), settings)[0], str(hits[0].parent))
+        else:
+            fs, root = fsspec_for(uri, settings)
+            files = _files_from_folder(fs, root)
+            if not files:
+                raise ModelLoadError(f"no checkpoint ({WEIGHTS_FILE} + {CONFIG_FILE}) at {uri}")
+        model, meta = load_checkpoint_files(files)
+    except CheckpointError as exc:
+        raise ModelLoadError(f"cannot load {uri}: {exc}") from None
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # network, permissions, MLflow: one line naming the URI
+        raise ModelLoadError(f"cannot load {uri}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return Denoiser(model=model.eval(), T=meta["T"], uri=uri, name=name, version=version)
+
+
+def promote(name: str, version: str | int, *, metric: str = "val_psnr", alias: str = "champion",
+            settings: Settings | None = None) -> dict:
+    """Move ``alias`` to ``version`` only if its run's ``metric`` beats the current holder's."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient((settings or Settings()).mlflow_uri)
+
+    def score(mv) -> float | None:
+        return client.get_run(mv.run_id).data.metrics.get(metric) if mv.run_id else None
+
+    candidate = client.get_model_version(name, str(version))
+    new = score(candidate)
+    try:
+        current = client.get_model_version_by_alias(name, alias)
+        old, old_version = score(current), current.version
+    except MlflowException:
+        old, old_version = None, None
+    promoted = new is not None and (old is None or new > old)
+    if promoted:
+        client.set_registered_model_alias(name, alias, str(version))
+    return {"promoted": promoted, "alias": alias, "metric": metric, "candidate_version": str(version),
+            "candidate_score": new, "previous_version": old_version, "previous_score": old}
