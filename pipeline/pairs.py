@@ -154,6 +154,14 @@ def _pair_up(
     return pairs, rejected
 
 
+def _claim_key(side: dict[str, str], key: str, path: str, rejected: list[Rejected]) -> None:
+    """Record a file under its key unless another file of the same side holds it."""
+    if key in side:
+        rejected.append(Rejected(path, f"duplicate key {key!r} (kept {side[key]})"))
+    else:
+        side[key] = path
+
+
 def _unique_keys(pairs: list[Pair]) -> tuple[list[Pair], list[Rejected]]:
     """Keys name rows in the shards, so they must be unique; later duplicates lose."""
     kept: dict[str, Pair] = {}
@@ -204,7 +212,7 @@ def _discover_sidd(fs, root: str) -> tuple[list[Pair], list[Rejected]]:
             rejected.append(Rejected(path, "not a SIDD sRGB file name (<n>_GT_SRGB_<k>.PNG / <n>_NOISY_SRGB_<k>.PNG)"))
             continue
         key = f"{folder}_{file_match['capture']}"
-        sides[file_match["side"].upper()][key] = path
+        _claim_key(sides[file_match["side"].upper()], key, path, rejected)
         meta[key] = folder_meta
         group[key] = folder  # both captures of one scene folder go to the same split
     pairs, unpaired = _pair_up(sides["GT"], sides["NOISY"], meta=meta, group=group)
@@ -252,7 +260,7 @@ def _discover_mirrored(fs, root: str, clean_template: str | None, noisy_template
             for side in side_order if side_by_side else [folder]:
                 key = _key_by_template(relative, patterns[side])
                 if key is not None:
-                    found[side][key] = path
+                    _claim_key(found[side], key, path, rejected)
                     break
             else:
                 wanted = " or ".join(repr(t) for t in templates.values() if t) if side_by_side else repr(templates[folder])
@@ -266,10 +274,11 @@ def _find_manifest(fs, root: str) -> str:
         return f"{root}/manifest.csv"
     if not fs.isdir(root):
         raise EmptySourceError(f"no manifest at {root!r} (missing)")
-    candidates = [p for p in fs.ls(root, detail=False) if p.lower().endswith(".csv")]
-    if len(candidates) != 1:
-        found = "none" if not candidates else ", ".join(sorted(candidates))
-        raise PipelineError(f"expected one manifest CSV in {root!r} (found {found}); pass the CSV itself as root")
+    candidates = sorted(p for p in fs.ls(root, detail=False) if p.lower().endswith(".csv"))
+    if not candidates:
+        raise EmptySourceError(f"no manifest CSV in {root!r}")
+    if len(candidates) > 1:
+        raise PipelineError(f"several CSV files in {root!r} ({', '.join(candidates)}); pass the manifest itself as root")
     return candidates[0]
 
 
@@ -529,7 +538,10 @@ def pair_hash(clean_png: bytes, noisy_png: bytes | None) -> str:
 
 def dataset_hash(pair_hashes: Mapping[str, str] | Iterable[tuple[str, str]]) -> str:
     """Hash of a whole dataset from its ``key -> pair_hash`` entries, in any order."""
-    entries = dict(pair_hashes.items() if isinstance(pair_hashes, Mapping) else pair_hashes)
+    items = list(pair_hashes.items() if isinstance(pair_hashes, Mapping) else pair_hashes)
+    entries = dict(items)
+    if len(entries) != len(items):
+        raise ValueError("dataset_hash got the same key twice")
     digest = hashlib.blake2b(digest_size=32)
     for key in sorted(entries):
         digest.update(f"{key}\t{entries[key]}\n".encode())
