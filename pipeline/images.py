@@ -72,7 +72,8 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             image = Image.open(io.BytesIO(data))
         except UnidentifiedImageError:
             known = _format_by_signature(data)
-            raise ImageError(f"corrupt {known} header" if known else "not an image (unrecognised format)") from None
+            reason = f"corrupt {known} header" if known else "not an image (unrecognised format)"
+            raise ImageError(reason) from None
         except Image.DecompressionBombError as exc:
             raise _bomb_error(exc, max_pixels) from None
         except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:

@@ -130,7 +130,8 @@ def _is_image_name(path: str) -> bool:
 
 def _not_an_image(path: str) -> Rejected:
     extension = posixpath.splitext(path)[1]
-    return Rejected(path, f"not an image file (extension {extension!r})" if extension else "not an image file (no extension)")
+    what = f"extension {extension!r}" if extension else "no extension"
+    return Rejected(path, f"not an image file ({what})")
 
 
 def _strip_extension(path: str) -> str:
@@ -168,7 +169,8 @@ def _unique_keys(pairs: list[Pair]) -> tuple[list[Pair], list[Rejected]]:
     rejected = []
     for pair in sorted(pairs, key=lambda p: (p.key, p.clean_path)):
         if pair.key in kept:
-            rejected.append(Rejected(pair.clean_path, f"duplicate key {pair.key!r} (kept {kept[pair.key].clean_path})"))
+            reason = f"duplicate key {pair.key!r} (kept {kept[pair.key].clean_path})"
+            rejected.append(Rejected(pair.clean_path, reason))
         else:
             kept[pair.key] = pair
     return list(kept.values()), rejected
@@ -205,11 +207,13 @@ def _discover_sidd(fs, root: str) -> tuple[list[Pair], list[Rejected]]:
         if folder_meta is None:
             if folder not in bad_folders:
                 bad_folders.add(folder)
-                rejected.append(Rejected(f"{data_root}/{folder}", f"not a SIDD scene folder name: {folder!r}"))
+                reason = f"not a SIDD scene folder name: {folder!r}"
+                rejected.append(Rejected(f"{data_root}/{folder}", reason))
             continue
         file_match = _SIDD_FILE.match(name)
         if file_match is None:
-            rejected.append(Rejected(path, "not a SIDD sRGB file name (<n>_GT_SRGB_<k>.PNG / <n>_NOISY_SRGB_<k>.PNG)"))
+            reason = "not a SIDD sRGB file name (<n>_GT_SRGB_<k>.PNG / <n>_NOISY_SRGB_<k>.PNG)"
+            rejected.append(Rejected(path, reason))
             continue
         key = f"{folder}_{file_match['capture']}"
         _claim_key(sides[file_match["side"].upper()], key, path, rejected)
@@ -263,7 +267,8 @@ def _discover_mirrored(fs, root: str, clean_template: str | None, noisy_template
                     _claim_key(found[side], key, path, rejected)
                     break
             else:
-                wanted = " or ".join(repr(t) for t in templates.values() if t) if side_by_side else repr(templates[folder])
+                tried = [t for t in templates.values() if t] if side_by_side else [templates[folder]]
+                wanted = " or ".join(repr(t) for t in tried)
                 rejected.append(Rejected(path, f"name does not match template {wanted}"))
     pairs, unpaired = _pair_up(found["clean"], found["noisy"])
     return pairs, rejected + unpaired
@@ -278,7 +283,8 @@ def _find_manifest(fs, root: str) -> str:
     if not candidates:
         raise EmptySourceError(f"no manifest CSV in {root!r}")
     if len(candidates) > 1:
-        raise PipelineError(f"several CSV files in {root!r} ({', '.join(candidates)}); pass the manifest itself as root")
+        listed = ", ".join(candidates)
+        raise PipelineError(f"several CSV files in {root!r} ({listed}); pass the manifest itself as root")
     return candidates[0]
 
 
@@ -418,7 +424,8 @@ def _discover_sidd_mat(fs, root: str) -> tuple[list[Pair], list[Rejected]]:
         if len(shape) != 5 or shape[-1] != 3:
             return [], [Rejected(path, f"expected images x blocks x H x W x 3 array, got shape {shape}")]
     if shapes[clean_path] != shapes[noisy_path]:
-        return [], [Rejected(noisy_path, f"shape mismatch: clean {shapes[clean_path]} vs noisy {shapes[noisy_path]}")]
+        reason = f"shape mismatch: clean {shapes[clean_path]} vs noisy {shapes[noisy_path]}"
+        return [], [Rejected(noisy_path, reason)]
     images, blocks = shapes[clean_path][:2]
     pairs = [
         Pair(
