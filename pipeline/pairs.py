@@ -244,6 +244,8 @@ def _discover_mirrored(fs, root: str, clean_template: str | None, noisy_template
     templates = {"clean": clean_template, "noisy": noisy_template}
     patterns = {side: _template_pattern(t) if t else None for side, t in templates.items()}
     side_by_side = any(templates.values()) and not (fs.isdir(f"{root}/clean") or fs.isdir(f"{root}/noisy"))
+    if side_by_side and not all(templates.values()):
+        raise ValueError("pairing files side by side (no clean/ and noisy/ folders) needs both templates")
     listings = (
         {"": _list_or_fail(fs, root)}
         if side_by_side

@@ -189,6 +189,8 @@ def test_bad_template_is_a_usage_error(tmp_path):
     write(tmp_path / "clean" / "x.png", png())
     with pytest.raises(ValueError, match="exactly one"):
         discover(LOCAL, str(tmp_path), "mirrored", clean_template="mean.png", noisy_template="{key}.png")
+    with pytest.raises(ValueError, match="both templates"):
+        discover(LOCAL, str(tmp_path / "clean"), "mirrored", clean_template="{key}.png")
     with pytest.raises(ValueError, match="mirrored"):
         discover(LOCAL, str(tmp_path), "clean", clean_template="{key}.png")
 
