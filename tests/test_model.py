@@ -1,0 +1,129 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from pipeline.model import PRESETS, ModelConfig, ResBlock, UNet, build_model, model_stats
+
+
+def randomise_output(model: UNet, std: float = 0.05) -> UNet:
+    """Leave the identity start so outputs depend on the whole network."""
+    with torch.no_grad():
+        model.out_conv.weight.normal_(0.0, std)
+        model.out_conv.bias.normal_(0.0, std)
+    return model
+
+
+def test_presets_have_the_promised_scale():
+    tiny, base = build_model("tiny"), build_model("base")
+    tiny_params = sum(p.numel() for p in tiny.parameters())
+    assert 1_000_000 <= tiny_params <= 2_000_000
+    assert sum(p.numel() for p in base.parameters()) > 10 * tiny_params
+    assert base.config.attention and not tiny.config.attention
+    assert tiny.config is PRESETS["tiny"]
+
+
+@settings(max_examples=15, deadline=None)
+@given(h=st.integers(1, 40), w=st.integers(1, 40), batch=st.integers(1, 2))
+def test_untrained_model_is_identity_for_any_size(h, w, batch):
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    x = torch.rand(batch, 3, h, w)
+    assert torch.equal(model(x, torch.rand(batch)), x)
+
+
+@settings(max_examples=10, deadline=None)
+@given(h=st.integers(1, 37), w=st.integers(1, 37))
+def test_any_size_keeps_shape_once_output_is_nontrivial(h, w):
+    torch.manual_seed(0)
+    model = randomise_output(build_model("tiny", width=8, channel_mults=(1, 2)))
+    x = torch.rand(1, 3, h, w)
+    out = model(x, torch.tensor([0.5]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert not torch.equal(out, x)
+
+
+def test_time_reaches_every_residual_block():
+    torch.manual_seed(0)
+    model = randomise_output(build_model("tiny", width=8, attention=True))
+    x = torch.rand(2, 3, 32, 32)
+    model(x, torch.tensor([0.1, 0.9])).square().sum().backward()
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    assert len(blocks) == 2 * len(model.config.channel_mults) + 2
+    assert all(b.time.weight.grad.abs().sum() > 0 for b in blocks)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, torch.zeros(2)), model(x, torch.ones(2)))
+
+
+def test_scalar_time_is_broadcast():
+    torch.manual_seed(0)
+    model = randomise_output(build_model("tiny", width=8))
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model(x, 0.3), model(x, torch.full((3,), 0.3)))
+
+
+def test_build_model_overrides_and_rejects_unknown_names():
+    model = build_model("base", width=8, attention=False)
+    assert model.config == ModelConfig(width=8, channel_mults=(1, 2, 4, 8), blocks_per_level=2, attention=False)
+    with pytest.raises(ValueError, match="unknown preset"):
+        build_model("huge")
+    with pytest.raises(TypeError):
+        build_model("tiny", depth=3)
+    with pytest.raises(ValueError):
+        ModelConfig(channel_mults=())
+
+
+def test_config_round_trips_through_plain_dicts():
+    config = PRESETS["base"]
+    data = config.to_dict()
+    assert isinstance(data["channel_mults"], list)
+    assert ModelConfig.from_dict(data) == config
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict({**data, "depth": 3})
+
+
+def test_unet_accepts_keywords_or_a_config_not_both():
+    assert UNet(width=8, channel_mults=(1,)).config == ModelConfig(width=8, channel_mults=(1,))
+    with pytest.raises(TypeError):
+        UNet(ModelConfig(), width=8)
+
+
+def test_macs_match_a_hand_count_for_a_one_level_net():
+    width, size = 8, 16
+    model = UNet(width=width, channel_mults=(1,), blocks_per_level=1)
+    px, w, t = size * size, width, 4 * width
+    conv3 = lambda i, o: 9 * i * o * px  # noqa: E731
+    resblock = lambda i, o: conv3(i, o) + conv3(o, o) + t * o + (i * o * px if i != o else 0)  # noqa: E731
+    expected = (
+        (w * t + t * t)  # time MLP
+        + conv3(3, w)  # in_conv
+        + resblock(w, w)  # encoder
+        + 2 * resblock(w, w)  # middle
+        + resblock(2 * w, w)  # decoder with skip
+        + conv3(w, 3)  # out_conv
+    )
+    stats = model_stats(model, size=size)
+    assert stats["macs"] == expected
+    assert stats["params"] == sum(p.numel() for p in model.parameters())
+    assert stats["macs_per_pixel"] == expected / px
+
+
+def test_macs_include_attention_matmuls():
+    plain, attn = build_model("tiny", width=8), build_model("tiny", width=8, attention=True)
+    size = 64
+    lowest = size // plain.config.downsampling_factor
+    channels = 8 * plain.config.channel_mults[-1]
+    qkv_and_proj = 4 * channels * channels * lowest**2
+    matmuls = 2 * lowest**4 * channels
+    assert model_stats(attn, size)["macs"] - model_stats(plain, size)["macs"] == qkv_and_proj + matmuls
+
+
+def test_model_stats_leaves_the_model_untouched():
+    model = build_model("tiny", width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model_stats(model, size=32)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, nn.Module) and m._forward_hooks for m in model.modules())
