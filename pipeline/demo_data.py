@@ -1,7 +1,7 @@
 """A small paired dataset that needs no download, for demos and end-to-end tests.
 
 The clean images are the natural photos scikit-image ships inside its wheel; the
-noisy ones are made by :func:`pipeline.noise.synthesize_camera_noise`, one camera
+noisy ones are made by :func:`pipeline.noise.synthesize_pair`, one camera
 per variant.  Everything is reproducible from ``seed``.
 """
 
@@ -14,7 +14,7 @@ import skimage.data
 import skimage.transform
 
 from pipeline.images import encode_png, to_float, to_uint8
-from pipeline.noise import synthesize_camera_noise
+from pipeline.noise import synthesize_pair
 
 # Photos bundled with scikit-image (no network needed); the grayscale ones last.
 DEMO_IMAGES = (
@@ -57,8 +57,8 @@ def demo_pairs(
         clean = demo_image(name, size)
         for variant in range(variants):
             rng = np.random.default_rng([seed, index, variant])
-            noisy, _ = synthesize_camera_noise(to_float(clean), rng)
-            pairs.append((f"{name}_{variant}", clean, to_uint8(noisy)))
+            target, noisy, _ = synthesize_pair(to_float(clean), rng)
+            pairs.append((f"{name}_{variant}", to_uint8(target), to_uint8(noisy)))
     return pairs
 
 

@@ -203,6 +203,19 @@ def synthesize_camera_noise(
 
     Odd sizes are mirror-padded to even for the Bayer pattern and cropped back.
     """
+    _, noisy, params = synthesize_pair(rgb, rng, params)
+    return noisy, params
+
+
+def synthesize_pair(
+    rgb: np.ndarray, rng: np.random.Generator, params: CameraParams | None = None
+) -> tuple[np.ndarray, np.ndarray, CameraParams]:
+    """``(clean target, noisy, camera)`` that differ by sensor noise only.
+
+    The target is the same image sent through the same camera with zero noise, so the
+    softening of the bilinear demosaic is in both sides and a model trained on the pair
+    learns denoising, not sharpening (as Brooks et al. train on noiseless raw targets).
+    """
     rgb = np.asarray(rgb, np.float32)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected H x W x 3 image, got shape {rgb.shape}")
@@ -212,4 +225,5 @@ def synthesize_camera_noise(
     padded = np.pad(rgb, ((0, height % 2), (0, width % 2), (0, 0)), mode="reflect")
     raw = unprocess(padded, params)
     noisy_raw = add_raw_noise(raw, params.shot_noise, params.read_noise, rng)
-    return process(noisy_raw, params)[:height, :width], params
+    crop = (slice(0, height), slice(0, width))
+    return process(raw, params)[crop], process(noisy_raw, params)[crop], params

@@ -138,3 +138,18 @@ def test_params_record_as_plain_values():
     record = sample_camera_params(np.random.default_rng(0)).as_dict()
     assert set(record) == {"rgb_to_camera", "rgb_gain", "red_gain", "blue_gain", "shot_noise", "read_noise"}
     assert all(isinstance(v, float) for k, v in record.items() if k != "rgb_to_camera")
+
+
+def test_synthesized_pair_differs_by_noise_only():
+    """Zero noise makes the two sides identical: the target went through the same camera."""
+    from pipeline.noise import synthesize_pair
+
+    rng = np.random.default_rng(3)
+    rgb = rng.random((33, 41, 3), dtype=np.float32)
+    params = sample_camera_params(np.random.default_rng(4))
+    quiet = dataclasses.replace(params, shot_noise=0.0, read_noise=0.0)
+    target, noisy, _ = synthesize_pair(rgb, rng, quiet)
+    assert target.shape == noisy.shape == rgb.shape
+    np.testing.assert_allclose(target, noisy, atol=1e-6)
+    target, noisy, _ = synthesize_pair(rgb, np.random.default_rng(5), params)
+    assert np.abs(noisy - target).mean() > 1e-3
