@@ -1,0 +1,67 @@
+"""The local stack's start-up guard: a taken port stops everything this call started."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, STACK
+
+NAMES = ["DENOISE_S3_PORT", "DENOISE_WEED_MASTER_PORT", "DENOISE_WEED_VOLUME_PORT", "DENOISE_WEED_FILER_PORT",
+         "DENOISE_WEED_ICEBERG_PORT", "DENOISE_WEED_LANCE_PORT", "DENOISE_WEED_ADMIN_PORT", "DENOISE_MLFLOW_PORT",
+         "DENOISE_RAY_PORT", "DENOISE_RAY_DASHBOARD_PORT", "DENOISE_RAY_CLIENT_PORT"]
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports free now, and free at +10000 too (SeaweedFS's gRPC listeners)."""
+    found, sockets = [], []
+    for base in range(21000, 40000, 7):
+        try:
+            for p in (base, base + 10000):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                sockets.append(s)
+        except OSError:
+            continue
+        found.append(base)
+        if len(found) == n:
+            break
+    for s in sockets:
+        s.close()
+    return found
+
+
+@pytest.mark.stack
+def test_port_in_use_leaves_nothing_half_started(tmp_path):
+    ports = dict(zip(NAMES, free_ports(len(NAMES))))
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "DENOISE_LOCAL_DIR": str(tmp_path / "local")}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(key, None)
+    with socket.socket() as squatter:   # something else holds MLflow's port
+        squatter.bind(("127.0.0.1", ports["DENOISE_MLFLOW_PORT"]))
+        squatter.listen()
+        proc = subprocess.run([*STACK, "up"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 1
+    assert f"port {ports['DENOISE_MLFLOW_PORT']} is already in use" in proc.stderr
+    assert "seaweedfs: healthy" in proc.stdout          # it did start, and was then stopped again
+    with socket.socket() as probe:                     # SeaweedFS's S3 port is free again
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", ports["DENOISE_S3_PORT"]))
+    assert not (tmp_path / "local" / "run" / "seaweedfs.pid").exists()
+    # keys were generated once into the local dir, never printed
+    creds = (tmp_path / "local" / "s3-credentials.json").read_text()
+    assert oct((tmp_path / "local" / "s3-credentials.json").stat().st_mode)[-3:] == "600"
+    assert creds.split('"')[7] not in proc.stdout + proc.stderr
+
+
+def test_status_and_help_run_without_a_stack(tmp_path):
+    env = {**os.environ, "DENOISE_LOCAL_DIR": str(tmp_path / "local"), "DENOISE_S3_PORT": "1",
+           "DENOISE_MLFLOW_PORT": "2", "DENOISE_RAY_DASHBOARD_PORT": "3"}
+    proc = subprocess.run([*STACK, "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3 and "stopped" in proc.stdout and "MLflow UI" in proc.stdout
+    proc = subprocess.run([*STACK, "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "up|down|status" in proc.stdout
