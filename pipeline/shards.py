@@ -46,18 +46,25 @@ class DatasetError(PipelineError):
 def write_split(rows: list[dict], dataset_uri: str, split: str, settings: Settings, *,
                 rows_per_shard: int = 64) -> list[str]:
     """Write one split as ``part-NNNNN.parquet`` shards, sorted by key so reruns give equal files."""
+    rows = sorted(rows, key=lambda r: r["key"])
+    return [write_shard(rows[start:start + rows_per_shard], dataset_uri, split, n, settings)[0]
+            for n, start in enumerate(range(0, len(rows), rows_per_shard))]
+
+
+def write_shard(rows: list[dict], dataset_uri: str, split: str, index: int, settings: Settings) -> tuple[str, int]:
+    """Write ``split/part-<index>.parquet`` atomically (rows in key order); returns its path and size in bytes."""
     fs, root = fsspec_for(dataset_uri, settings)
     rows = sorted(rows, key=lambda r: r["key"])
-    paths = []
-    for n, start in enumerate(range(0, len(rows), rows_per_shard)):
-        chunk = rows[start:start + rows_per_shard]
-        table = pa.Table.from_pylist([{name: r.get(name) for name in SCHEMA.names} for r in chunk], schema=SCHEMA)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="none")  # PNG bytes don't compress further
-        path = join(root, split, f"part-{n:05d}.parquet")
-        write_atomic(fs, path, buffer.getvalue())
-        paths.append(path)
-    return paths
+    table = pa.Table.from_pylist([{name: r.get(name) for name in SCHEMA.names} for r in rows], schema=SCHEMA)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="none")  # PNG bytes don't compress further
+    path = join(root, split, shard_name(index))
+    write_atomic(fs, path, buffer.getvalue())
+    return path, buffer.tell()
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
 
 
 def write_json(dataset_uri: str, name: str, data, settings: Settings) -> None:
@@ -81,7 +88,9 @@ def split_files(dataset_uri: str, split: str, settings: Settings) -> list[str]:
     """Shard paths of one split; a clear error when there are none."""
     fs, root = fsspec_for(dataset_uri, settings)
     try:
-        files = sorted(p for p in fs.find(join(root, split)) if p.endswith(".parquet"))
+        # Hidden names are write_atomic's temporaries (or a crashed write's leftovers), never shards.
+        files = sorted(p for p in fs.find(join(root, split))
+                       if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith("."))
     except FileNotFoundError:
         files = []
     if not files:

@@ -1,0 +1,416 @@
+"""The ingest stage: a source of pairs (or of clean photos) -> Parquet shards, a card, a quarantine.
+
+How the work is shaped, so the driver's memory stays small whatever the source size:
+
+1. the driver only lists names (:func:`pipeline.pairs.discover`) and fixes each pair's split
+   from its key (or group), never from listing order;
+2. pairs are cut, per split and in key order, into shards of ``pairs_per_shard``: shard ``n``
+   of a split is always ``DEST/<split>/part-<n>.parquet`` for the same source and settings;
+3. one Ray task per shard reads, validates (or synthesizes noise), encodes PNGs and writes
+   its own shard atomically; it hands back only keys, hashes, sizes and rejections;
+4. the driver writes ``quarantine.json``, then ``dataset.json`` last: a dataset is complete
+   exactly when its card exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import json
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import PipelineError
+from pipeline.images import ImageError, encode_png, to_float, to_uint8, to_uint16
+from pipeline.pairs import LAYOUTS, Pair, Rejected, dataset_hash, discover, load_pair, pair_hash, resolve_split
+from pipeline.settings import Settings
+from pipeline.shards import CARD, QUARANTINE, SPLITS, write_json, write_shard
+from pipeline.storage import check_storage, fsspec_for, is_s3, join, strip_scheme
+
+DEMO_SOURCE = "demo:"
+# The photos bundled with scikit-image (no download): the demo set plus four textures.
+DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+               "camera", "coins", "moon", "brick", "grass", "gravel", "clock")
+DEMO_SIZE = 384
+DEMO_VARIANTS = 2
+
+
+class IngestError(PipelineError):
+    """The ingest cannot start or cannot finish; nothing incomplete is left marked as a dataset."""
+
+
+class IngestConfig(BaseModel):
+    """Everything one ingest run depends on; validated once, recorded in the card."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(description="local folder or s3:// prefix (or 'demo:' for the bundled demo photos)")
+    dest: str = Field(description="s3:// prefix (or local folder) that receives the dataset")
+    layout: Literal[LAYOUTS]  # type: ignore[valid-type]
+    name: str | None = Field(None, description="dataset name; default: the last part of dest")
+    val_fraction: float = Field(0.1, ge=0, le=1)
+    seed: int = 0
+    noise: Literal["camera"] | None = Field(None, description="synthesize the noisy side (layout 'clean' only)")
+    variants: int = Field(1, ge=1, description="noisy variants per clean photo")
+    clean_template: str | None = None
+    noisy_template: str | None = None
+    min_size: int = Field(64, ge=1, description="shortest side accepted: the training patch size")
+    pairs_per_shard: int = Field(8, ge=1, description="source pairs per Parquet shard (and per Ray task)")
+    task_cpus: float = Field(1.0, gt=0, description="CPUs reserved per shard task (fractions share busy nodes)")
+    strict: bool = False
+    overwrite: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _demo_defaults(cls, values: dict) -> dict:
+        if isinstance(values, dict) and values.get("source") == DEMO_SOURCE:
+            defaults = {"layout": "clean", "noise": "camera", "variants": DEMO_VARIANTS}
+            values = {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "IngestConfig":
+        if self.source == DEMO_SOURCE and self.layout != "clean":
+            raise ValueError("the demo source is a folder of clean photos: use layout 'clean' (the default)")
+        if self.layout == "clean" and self.noise is None:
+            raise ValueError("layout 'clean' has no noisy side: add --noise camera")
+        if self.noise is not None and self.layout != "clean":
+            raise ValueError("--noise applies to layout 'clean' only (other layouts bring their noisy side)")
+        if self.variants > 1 and self.noise is None:
+            raise ValueError("--variants needs --noise")
+        if (self.clean_template or self.noisy_template) and self.layout != "mirrored":
+            raise ValueError("--clean-template/--noisy-template apply to layout 'mirrored' only")
+        if self.source != DEMO_SOURCE and _nested(self.source, self.dest):
+            raise ValueError(f"dest {self.dest} and source {self.source} overlap; the source is never written to")
+        return self
+
+    @property
+    def dataset_name(self) -> str:
+        return self.name or self.dest.rstrip("/").rsplit("/", 1)[-1]
+
+
+def make_config(**values) -> IngestConfig:
+    """An :class:`IngestConfig`, or one readable line saying what is wrong."""
+    try:
+        return IngestConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as exc:
+        problems = [(".".join(str(p) for p in e["loc"]) + ": " if e["loc"] else "") + e["msg"].removeprefix(
+            "Value error, ") for e in exc.errors()]
+        raise IngestError("invalid ingest settings: " + "; ".join(problems)) from None
+
+
+def _nested(a: str, b: str) -> bool:
+    if is_s3(a) != is_s3(b):
+        return False
+    a, b = strip_scheme(a).rstrip("/") + "/", strip_scheme(b).rstrip("/") + "/"
+    return a.startswith(b) or b.startswith(a)
+
+
+# ---------------------------------------------------------------- one shard (runs in a Ray task)
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    index: int
+    pairs: tuple[Pair, ...]
+
+
+@functools.lru_cache(maxsize=4)
+def _source_filesystem(source: str, settings: Settings):
+    # One filesystem per worker process (built here, never forked), so SIDD's block
+    # arrays stay cached in pairs.load_pair across the shards this worker handles.
+    return fsspec_for(source, settings)[0]
+
+
+def _uri(source: str, path: str | None) -> str | None:
+    return None if path is None else (f"s3://{path}" if is_s3(source) else path)
+
+
+def _key_seed(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+def _quantize_like(values: np.ndarray, like: np.ndarray) -> np.ndarray:
+    return to_uint16(values) if like.dtype == np.uint16 else to_uint8(values)
+
+
+def pair_rows(pair: Pair, clean: np.ndarray, noisy: np.ndarray | None, *, split: str,
+              config: IngestConfig, source: str) -> list[dict]:
+    """Shard rows of one loaded pair; a clean-only photo gives ``variants`` synthesized pairs."""
+    from pipeline.noise import synthesize_pair
+
+    meta = {**pair.meta, "noisy_source": _uri(source, pair.noisy_path), "bit_depth": clean.dtype.itemsize * 8}
+    if noisy is not None:
+        sides = [(pair.key, clean, noisy, meta)]
+    else:
+        sides = []
+        for variant in range(config.variants):
+            # Seeded by (seed, key, variant): the same photo gets the same noise in any order or shard.
+            rng = np.random.default_rng([config.seed, _key_seed(pair.key), variant])
+            target, noisy_float, camera = synthesize_pair(to_float(clean), rng)
+            sides.append((f"{pair.key}_v{variant}", _quantize_like(target, clean), _quantize_like(noisy_float, clean),
+                          {**meta, "noise": config.noise, "variant": variant, "camera": camera.as_dict()}))
+    rows = []
+    for key, clean_pixels, noisy_pixels, row_meta in sides:
+        clean_png, noisy_png = encode_png(clean_pixels), encode_png(noisy_pixels)
+        rows.append({"key": key, "split": split, "clean": clean_png, "noisy": noisy_png,
+                     "height": clean_pixels.shape[0], "width": clean_pixels.shape[1],
+                     "source": _uri(source, pair.clean_path), "layout": config.layout,
+                     "meta": json.dumps(row_meta, sort_keys=True), "pair_hash": pair_hash(clean_png, noisy_png)})
+    return rows
+
+
+def _rejection(source: str, path: str | None, reason: str, **extra) -> dict:
+    return {"path": _uri(source, path), "reason": reason, **extra}
+
+
+def ingest_shard(plan: ShardPlan, config: IngestConfig, source: str, settings: Settings) -> dict:
+    """Load, check and encode one shard's pairs and write the shard; returns only what the card needs.
+
+    A pair that cannot be used is rejected with its reason. Storage failures (``OSError``)
+    propagate so Ray retries the task; the shard is rewritten whole, under the same name.
+    """
+    fs = _source_filesystem(source, settings)
+    rows, rejected = [], []
+    for pair in plan.pairs:
+        try:
+            clean, noisy = load_pair(fs, pair, min_size=config.min_size)
+            rows += pair_rows(pair, clean, noisy, split=plan.split, config=config, source=source)
+        except ImageError as exc:
+            rejected.append(_rejection(source, pair.clean_path, exc.reason, key=pair.key,
+                                       noisy_path=_uri(source, pair.noisy_path)))
+        except (OSError, MemoryError):
+            raise
+        except Exception as exc:  # e.g. a damaged .mat file: one bad item, not a failed job
+            rejected.append(_rejection(source, pair.clean_path, f"unreadable: {type(exc).__name__}: {exc}",
+                                       key=pair.key, noisy_path=_uri(source, pair.noisy_path)))
+    path, size = write_shard(rows, config.dest, plan.split, plan.index, settings) if rows else (None, 0)
+    return {"split": plan.split, "path": path, "bytes": size, "pairs": len(plan.pairs), "rejected": rejected,
+            "rows": [{"key": r["key"], "pair_hash": r["pair_hash"], "pixels": r["height"] * r["width"]}
+                     for r in rows]}
+
+
+# ---------------------------------------------------------------- the driver
+
+def plan_shards(pairs: list[Pair], config: IngestConfig) -> list[ShardPlan]:
+    """Shards per split in key order: the same source always gives the same shard names and contents."""
+    by_split: dict[str, list[Pair]] = {split: [] for split in SPLITS}
+    for pair in pairs:
+        by_split[resolve_split(pair, config.val_fraction, config.seed)].append(pair)
+    plans = []
+    for split, members in by_split.items():
+        members.sort(key=lambda p: p.key)
+        size = config.pairs_per_shard
+        plans += [ShardPlan(split, n, tuple(members[start:start + size]))
+                  for n, start in enumerate(range(0, len(members), size))]
+    return plans
+
+
+def code_version() -> dict:
+    """Package version and, when the code runs from a git checkout, its commit."""
+    try:
+        version = importlib.metadata.version("denoise-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    commit = None
+    root = Path(__file__).resolve().parents[1]
+    if (root / ".git").exists():
+        try:
+            out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                 timeout=10)
+            commit = out.stdout.strip() or None if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"package": "denoise-pipeline", "version": version, "git_commit": commit}
+
+
+def _has_card(config: IngestConfig, settings: Settings) -> bool:
+    fs, root = fsspec_for(config.dest, settings)
+    return fs.exists(join(root, CARD))
+
+
+def _check_dest(config: IngestConfig, settings: Settings) -> None:
+    fs, root = fsspec_for(config.dest, settings)
+    if config.overwrite:
+        return
+    if fs.exists(join(root, CARD)):
+        raise IngestError(f"{config.dest} already holds a dataset ({CARD}); pass --overwrite to replace it")
+    for split in SPLITS:
+        if fs.exists(join(root, split)) and fs.find(join(root, split)):
+            raise IngestError(f"{config.dest}/{split} holds files of an unfinished ingest (no {CARD}); "
+                              f"pass --overwrite to replace them")
+
+
+def _clear_dest(config: IngestConfig, settings: Settings) -> None:
+    """Remove an old dataset: the card first, so it stops counting as complete, then its shards."""
+    fs, root = fsspec_for(config.dest, settings)
+    for name in (CARD, QUARANTINE):
+        if fs.exists(join(root, name)):
+            fs.rm(join(root, name))
+    _remove_shards(config, settings)
+
+
+def _remove_shards(config: IngestConfig, settings: Settings) -> None:
+    fs, root = fsspec_for(config.dest, settings)
+    for split in SPLITS:
+        if fs.exists(join(root, split)):
+            fs.rm(join(root, split), recursive=True)
+
+
+class _Progress:
+    """A line every ``every`` pairs (and at the end): done/total, rejected, pairs/s."""
+
+    def __init__(self, total: int, log: Callable[[str], None], every: int | None = None):
+        self.total, self.log = total, log
+        self.every = every or max(1, min(100, total // 10))
+        self.done = self.rejected = self.next_line = 0
+        self.start = time.monotonic()
+
+    def add(self, pairs: int, rejected: int) -> None:
+        self.done += pairs
+        self.rejected += rejected
+        if self.done >= self.next_line or self.done == self.total:
+            rate = self.done / max(time.monotonic() - self.start, 1e-9)
+            self.log(f"ingest: {self.done}/{self.total} pairs, {self.rejected} rejected, {rate:.2f} pairs/s")
+            self.next_line = (self.done // self.every + 1) * self.every
+
+
+def _run_shards(plans: list[ShardPlan], config: IngestConfig, source: str, settings: Settings,
+                log: Callable[[str], None]) -> list[dict]:
+    import ray
+
+    task = ray.remote(ingest_shard).options(num_cpus=config.task_cpus, max_retries=2, retry_exceptions=[OSError])
+    pending = {task.remote(plan, config, source, settings): plan for plan in plans}
+    progress = _Progress(sum(len(p.pairs) for p in plans), log)
+    results = []
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                plan = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayError as exc:
+                    cause = getattr(exc, "cause", None) or exc
+                    line = (str(cause).strip() or type(cause).__name__).splitlines()[0]
+                    raise IngestError(f"shard {plan.split}/part-{plan.index:05d} failed after retries "
+                                      f"({type(cause).__name__}: {line}); no dataset was written") from None
+                results.append(result)
+                progress.add(result["pairs"], len(result["rejected"]))
+    except BaseException:
+        for ref in pending:  # no task may write a shard after the caller cleans up
+            ray.cancel(ref, force=True)
+        raise
+    return results
+
+
+def _card(config: IngestConfig, results: list[dict], source_pairs: int, rejected: int) -> dict:
+    hashes = {row["key"]: row["pair_hash"] for result in results for row in result["rows"]}
+    counts = {split: sum(len(r["rows"]) for r in results if r["split"] == split) for split in SPLITS}
+    sizes = {split: {"pixels": sum(row["pixels"] for r in results if r["split"] == split for row in r["rows"]),
+                     "bytes": sum(r["bytes"] for r in results if r["split"] == split)} for split in SPLITS}
+    files = {split: sorted(f"{split}/{r['path'].rsplit('/', 1)[-1]}" for r in results
+                           if r["split"] == split and r["path"]) for split in SPLITS}
+    return {
+        "name": config.dataset_name,
+        "source": config.source if is_s3(config.source) or config.source == DEMO_SOURCE
+        else strip_scheme(config.source),
+        "layout": config.layout,
+        "templates": {"clean": config.clean_template, "noisy": config.noisy_template},
+        "seed": config.seed,
+        "val_fraction": config.val_fraction,
+        "min_size": config.min_size,
+        "noise": {"model": config.noise, "variants": config.variants} if config.noise else None,
+        "counts": {**counts, "total": sum(counts.values()), "source_pairs": source_pairs, "rejected": rejected},
+        "sizes": {**sizes, "total": {k: sum(s[k] for s in sizes.values()) for k in ("pixels", "bytes")}},
+        "files": files,
+        "pair_hashes": dict(sorted(hashes.items())),
+        "dataset_hash": dataset_hash(hashes),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": code_version(),
+    }
+
+
+def ingest(config: IngestConfig, settings: Settings, *, log: Callable[[str], None] = print) -> dict:
+    """Ingest ``config.source`` into ``config.dest``; returns the dataset card.
+
+    Raises :class:`IngestError` when no pair is usable, or with ``strict`` when anything was
+    rejected (then no shards are left); ``quarantine.json`` says why in both cases.
+    """
+    if config.source == DEMO_SOURCE:
+        from pipeline.demo_data import write_demo_tree
+
+        with tempfile.TemporaryDirectory(prefix="denoise-demo-") as folder:
+            write_demo_tree(folder, "clean", size=DEMO_SIZE, seed=config.seed, names=DEMO_PHOTOS)
+            return _ingest(config, settings, source=folder, log=log)
+    return _ingest(config, settings, source=config.source, log=log)
+
+
+def _ingest(config: IngestConfig, settings: Settings, *, source: str, log: Callable[[str], None]) -> dict:
+    from pipeline.cluster import init_ray
+
+    for uri in {source, config.dest}:
+        if is_s3(uri):
+            check_storage(settings, bucket=strip_scheme(uri).split("/", 1)[0])
+    _check_dest(config, settings)
+    fs, root = fsspec_for(source, settings)
+    try:
+        pairs, found_rejected = discover(fs, root, config.layout, clean_template=config.clean_template,
+                                         noisy_template=config.noisy_template)
+    except ValueError as exc:
+        raise IngestError(str(exc)) from None
+    discovery_rejected = [_rejection(source, r.path, r.reason) for r in found_rejected]
+    plans = plan_shards(pairs, config)
+    log(f"found {len(pairs)} pairs in {config.source} ({config.layout}); {len(discovery_rejected)} files rejected "
+        f"while pairing; {len(plans)} shards to write")
+    quarantine_uri = join(config.dest, QUARANTINE)
+    if not pairs:
+        for item in discovery_rejected[:5]:
+            log(f"rejected {item['path']}: {item['reason']}")
+        where = "above"
+        if not _has_card(config, settings):  # an existing dataset keeps its own quarantine
+            _write_quarantine(config, settings, discovery_rejected)
+            where = f"in {quarantine_uri}"
+        raise IngestError(f"no pairs found in {config.source} for layout {config.layout!r}; reasons {where}")
+    _clear_dest(config, settings)
+    init_ray(settings)
+    try:
+        results = _run_shards(plans, config, source, settings, log)
+    except BaseException:
+        _remove_shards(config, settings)
+        raise
+    rejected = discovery_rejected + [r for result in results for r in result["rejected"]]
+    _write_quarantine(config, settings, rejected)
+    card = _card(config, results, len(pairs), len(rejected))
+    if not card["counts"]["total"]:
+        _remove_shards(config, settings)
+        raise IngestError(f"no valid pair in {config.source}: all {len(rejected)} rejected; reasons in {quarantine_uri}")
+    if config.strict and rejected:
+        _remove_shards(config, settings)
+        raise IngestError(f"{len(rejected)} items rejected and --strict given: no dataset written; "
+                          f"reasons in {quarantine_uri}")
+    write_json(config.dest, CARD, card, settings)
+    counts = card["counts"]
+    log(f"ingested {counts['total']} pairs (train {counts['train']}, val {counts['val']}) from "
+        f"{counts['source_pairs']} source pairs; rejected {counts['rejected']} -> {quarantine_uri}")
+    log(f"dataset {config.dest}: {join(config.dest, 'train')}/ ({len(card['files']['train'])} shards), "
+        f"{join(config.dest, 'val')}/ ({len(card['files']['val'])} shards), card {join(config.dest, CARD)}, "
+        f"dataset_hash {card['dataset_hash'][:16]}")
+    if counts["val"] == 0 and config.val_fraction > 0:
+        log(f"warning: no pair landed in val (val_fraction {config.val_fraction}); training needs some: "
+            f"raise --val-fraction or change --seed")
+    return card
+
+
+def _write_quarantine(config: IngestConfig, settings: Settings, rejected: list[dict]) -> None:
+    items = sorted(rejected, key=lambda r: (r["path"] or "", r["reason"]))
+    write_json(config.dest, QUARANTINE, {"source": config.source, "count": len(items), "rejected": items}, settings)
