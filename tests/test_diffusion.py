@@ -221,7 +221,7 @@ def test_image_smaller_than_a_tile_is_one_call():
     assert calls == [torch.Size([1, 3, 20, 30])]
 
 
-# A randomly perturbed network uses its whole receptive field (about 150 px for
+# A randomly perturbed network uses its whole receptive field (well over a hundred pixels for
 # four levels), so tiles of 64 with overlap 32 cannot see all the context a
 # whole-image pass sees. Measured here: max abs diff ~0.06, mean ~0.006, while
 # the network changes the image by ~0.07 on average. A trained denoiser is far
