@@ -1,0 +1,560 @@
+"""Nightly batch denoising: a Ray Data graph from an input prefix to denoised PNGs and a manifest.
+
+    list sources (driver) -> expand archives, checksum, skip done (tasks)
+      -> decode (tasks) -> denoise (actor pool, model loaded once per actor, tiled sampler)
+      -> write PNG + metrics + state marker (tasks) -> small status rows back to the driver
+
+Exactly-once by key and input checksum: each item, once its PNG is written, leaves a
+marker ``OUTPUT/_state/done/<partition>/<sha(key)>-<sha(bytes)>.json`` holding its
+manifest row. A run skips items whose marker exists, in any partition, and at the end
+merges the partition's markers into ``manifest.parquet`` (and the error markers into
+``errors.parquet``). A driver killed mid-run loses only the items in flight; the next
+run redoes exactly those, writing to the same paths. Every object is written whole
+(write-then-rename), so a crash never leaves half an image or half a manifest.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.archives import Limits, Source, iter_items, kind_of, list_sources
+from pipeline.diffusion import SAMPLERS
+from pipeline.errors import PipelineError
+from pipeline.images import ImageError, decode_image, encode_png, reduce_to_uint8, to_float, to_uint8, to_uint16
+from pipeline.settings import Settings
+from pipeline.storage import fsspec_for, join, strip_scheme, write_atomic
+
+DEFAULT_MODEL_URI = "models:/denoiser@champion"
+STATE = "_state"
+UNDATED = "undated"
+PREVIEW_SIDE = 128
+BYTES_COLUMNS = ("pixels", "denoised")
+
+
+class DenoiseConfigError(PipelineError, ValueError):
+    """Arguments of the batch-denoise job that do not fit together."""
+
+
+class DenoiseConfig(BaseModel):
+    """Everything one batch-denoise run needs, validated once at the edge."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(description="s3:// prefix or local folder of images and archives")
+    output: str = Field(description="s3:// prefix or local folder for images, manifest and state")
+    model: str = Field(DEFAULT_MODEL_URI, description="models:/name@alias, models:/name/N or a checkpoint folder")
+    reference: str | None = Field(None, description="clean references under the same keys, for PSNR/SSIM")
+    sampler: Literal[tuple(SAMPLERS)] = "improved"  # type: ignore[valid-type]
+    steps: int = Field(10, ge=1, description="K sampling steps (must be <= the model's T)")
+    tile: int = Field(512, ge=32, description="tile side for images larger than this")
+    overlap: int = Field(32, ge=0, description="pixels shared by neighbouring tiles")
+    batch_size: int = Field(4, ge=1, description="tiles per model call")
+    workers: int = Field(1, ge=1, description="model actors")
+    gpus_per_worker: float = Field(0.0, ge=0)
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads) per model actor")
+    cpus_per_task: float = Field(1.0, gt=0, description="CPUs per read/decode and write/score task")
+    task_memory_mb: int = Field(1024, ge=1, description="memory reserved per read/decode and write/score task")
+    date: str | None = Field(None, description="YYYY-MM-DD: write under OUTPUT/<date>/")
+    experiment: str = "batch-denoise"
+    max_megapixels: float = Field(100.0, gt=0, description="hard cap; larger images are rejected")
+    max_image_mb: float = Field(1024.0, gt=0, description="largest encoded image / archive member")
+    samples: int = Field(3, ge=0, description="before/after crops logged to MLflow")
+
+    @field_validator("input", "output", "reference")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        """Local paths become absolute (tasks may run in another working directory)."""
+        if value is None or value.startswith("s3://"):
+            return value.rstrip("/") if value else value
+        if "://" in value:
+            raise ValueError(f"only s3:// URIs and local paths are supported, got {value!r}")
+        return strip_scheme(value)
+
+    @field_validator("date")
+    @classmethod
+    def _iso_date(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                dt.date.fromisoformat(value)
+            except ValueError:
+                raise ValueError(f"must be YYYY-MM-DD, got {value!r}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DenoiseConfig":
+        if self.overlap >= self.tile:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than tile ({self.tile})")
+        inp, out = (strip_scheme(p).rstrip("/") + "/" for p in (self.input, self.output))
+        if out.startswith(inp) or inp.startswith(out):
+            raise ValueError("INPUT and OUTPUT must not contain one another")
+        return self
+
+    @classmethod
+    def build(cls, **values: Any) -> "DenoiseConfig":
+        """Validate, turning pydantic's report into one readable line."""
+        try:
+            return cls(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as exc:
+            problems = [f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors()]
+            raise DenoiseConfigError("; ".join(problems)) from None
+
+    @property
+    def partition(self) -> str:
+        return self.date or UNDATED
+
+    @property
+    def out_root(self) -> str:
+        """Where images/, manifest.parquet and errors.parquet of this run go."""
+        return join(self.output, self.date) if self.date else self.output.rstrip("/")
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_member_bytes=int(self.max_image_mb * (1 << 20)))
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1e6)
+
+
+# -- naming ------------------------------------------------------------------------
+
+
+def key_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+
+def marker_name(key: str, checksum: str | None) -> str:
+    return f"{key_hash(key)}-{(checksum or 'none')[:16]}"
+
+
+def output_key(key: str) -> str:
+    """Relative output path: the key, with ``.png`` appended unless it already ends so."""
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"key {key!r} is not a safe relative path")
+    return key if key.lower().endswith(".png") else f"{key}.png"
+
+
+def ray_submission_id() -> str | None:
+    """The ``ray job submit`` id of this driver, if it was submitted as a Ray job.
+
+    Ray passes it to the driver only inside the job config JSON
+    (``RAY_JOB_CONFIG_JSON_ENV_VAR`` -> metadata.job_submission_id).
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        return None
+
+
+# -- state -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateIndex:
+    """Marker names already in OUTPUT/_state: what this run may skip."""
+
+    done: frozenset[str] = frozenset()
+    failed_for_good: frozenset[str] = frozenset()
+
+
+def read_state_index(output: str, settings: Settings) -> StateIndex:
+    fs, root = fsspec_for(join(output, STATE), settings)
+    done, final = set(), set()
+    for kind, target in (("done", done), ("errors", final)):
+        base = join(root, kind)
+        if not fs.isdir(base):
+            continue
+        for path in fs.find(base):
+            name = path.rsplit("/", 1)[-1]
+            if kind == "done" and name.endswith(".json"):
+                target.add(name[: -len(".json")])
+            elif kind == "errors" and name.endswith(".final.json"):
+                target.add(name[: -len(".final.json")])
+    return StateIndex(frozenset(done), frozenset(final))
+
+
+def _marker_path(root: str, kind: str, partition: str, name: str) -> str:
+    return join(root, STATE, kind, partition, name)
+
+
+MANIFEST_COLUMNS = ["key", "input_uri", "output_uri", "status", "height", "width", "bits", "seconds",
+                    "psnr_in", "psnr_out", "ssim_in", "ssim_out", "sigma_in", "sigma_out", "reference_uri", "note",
+                    "model_uri", "model_version", "sampler", "steps", "checksum", "run_id", "finished_at", "partition"]
+ERROR_COLUMNS = ["key", "reason", "stage", "retry", "input_uri", "checksum", "run_id", "finished_at", "partition"]
+FLOAT_COLUMNS = ("seconds", "psnr_in", "psnr_out", "ssim_in", "ssim_out", "sigma_in", "sigma_out")
+STATUS_COLUMNS = ["key", "status", "reason", "input_uri", "output_uri", "checksum", "height", "width", "bits",
+                  "note", *FLOAT_COLUMNS]
+
+
+# -- stages (plain functions of rows, so tests can call them without Ray) ------------
+
+
+def _row(key: str, uri: str, *, status: str, checksum: str = "", reason: str = "", stage: str = "",
+         pixels: np.ndarray | None = None) -> dict:
+    """A work item between stages; pixels travel as raw bytes (H x W x 3, 8 or 16 bits)."""
+    shape = pixels.shape if pixels is not None else (0, 0)
+    return {"key": key, "input_uri": uri, "checksum": checksum, "status": status, "reason": reason,
+            "stage": stage, "retry": False, "pixels": pixels.tobytes() if pixels is not None else b"",
+            "height": shape[0], "width": shape[1], "bits": pixels.dtype.itemsize * 8 if pixels is not None else 0}
+
+
+def expand_source(source_row: dict, *, settings: Settings, limits: Limits, index: StateIndex, max_pixels: int,
+                  archive_prefixes: tuple[str, ...] = ()) -> Iterator[dict]:
+    """One input file -> its decoded work items: ``pending`` (with pixels), ``skipped`` or ``failed``.
+
+    A generator, so an archive streams through one member at a time.
+    """
+    source = Source(source_row["rel"], source_row["uri"], int(source_row["size"]))
+    if source.kind == "image" and source.rel.startswith(archive_prefixes):
+        yield _row(source.rel, source.uri, status="failed", stage="list",
+                   reason="key collides with the members of an archive of the same name")
+        return
+    for item in iter_items(source, settings, limits):
+        if item.reason is not None:
+            yield _row(item.key, item.uri, status="failed", stage="read", reason=item.reason)
+            continue
+        checksum = item.checksum
+        name = marker_name(item.key, checksum)
+        if name in index.done or name in index.failed_for_good:
+            yield _row(item.key, item.uri, status="skipped", checksum=checksum)
+            continue
+        try:
+            pixels = decode_image(item.data, max_pixels=max_pixels)
+        except ImageError as exc:
+            yield _row(item.key, item.uri, status="failed", checksum=checksum, stage="decode", reason=exc.reason)
+            continue
+        yield _row(item.key, item.uri, status="pending", checksum=checksum, pixels=pixels)
+
+
+def pixels_of(raw: bytes, height: int, width: int, bits: int) -> np.ndarray:
+    return np.frombuffer(raw, dtype=np.uint8 if bits == 8 else np.uint16).reshape(height, width, 3)
+
+
+class Denoise:
+    """The model actor: loads the denoiser once, then denoises one decoded image per call."""
+
+    def __init__(self, *, model_uri: str, settings: Settings, sampler: str, steps: int, tile: int, overlap: int,
+                 batch_size: int, threads: int | None = None, denoiser=None):
+        import torch
+
+        from pipeline.modelstore import load_denoiser
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        loaded = denoiser or load_denoiser(model_uri, settings)
+        self.model, self.T = loaded.model.to(self.device).eval(), loaded.T
+        self.sampler, self.steps = sampler, steps
+        self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
+
+    def denoise(self, pixels: np.ndarray) -> np.ndarray:
+        """H x W x 3 uint8/uint16 -> the same shape and dtype, denoised."""
+        import torch
+
+        from pipeline.diffusion import denoise_tiled, sample
+
+        image = torch.from_numpy(to_float(pixels)).permute(2, 0, 1).to(self.device)
+
+        def run(tiles: torch.Tensor) -> torch.Tensor:
+            return sample(self.model, tiles, T=self.T, steps=self.steps, sampler=self.sampler)
+
+        with torch.inference_mode():
+            out = denoise_tiled(run, image, tile=self.tile, overlap=self.overlap, batch=self.batch_size)
+        out = out.clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        return to_uint8(out) if pixels.dtype == np.uint8 else to_uint16(out)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        columns = {name: list(values) for name, values in batch.items()}
+        columns["denoised"], columns["seconds"] = [], []
+        for i, status in enumerate(columns["status"]):
+            start = time.perf_counter()
+            out = b""
+            if status == "pending":
+                try:
+                    pixels = pixels_of(columns["pixels"][i], int(columns["height"][i]), int(columns["width"][i]),
+                                       int(columns["bits"][i]))
+                    out = self.denoise(pixels).tobytes()
+                except Exception as exc:  # one bad item must not stop the night's run
+                    columns["status"][i], columns["stage"][i], columns["retry"][i] = "failed", "denoise", True
+                    columns["reason"][i] = f"inference failed: {type(exc).__name__}: {exc}".splitlines()[0]
+            columns["denoised"].append(out)
+            columns["seconds"].append(time.perf_counter() - start)
+        # Object arrays keep bytes as they are (numpy's fixed-width bytes would drop trailing NULs).
+        return {name: np.array(values, dtype=object) if name in BYTES_COLUMNS else np.asarray(values)
+                for name, values in columns.items()}
+
+
+def _preview(noisy: np.ndarray, denoised: np.ndarray, reference: np.ndarray | None) -> bytes:
+    """Centre crops, side by side at full resolution (downscaling would hide the noise)."""
+    h, w = noisy.shape[:2]
+    side_h, side_w = min(h, PREVIEW_SIDE), min(w, PREVIEW_SIDE)
+    y, x = (h - side_h) // 2, (w - side_w) // 2
+    crops = [reduce_to_uint8(a[y:y + side_h, x:x + side_w]) for a in (noisy, denoised, reference) if a is not None]
+    gap = np.full((side_h, 4, 3), 255, np.uint8)
+    return encode_png(np.concatenate([c for crop in crops for c in (crop, gap)][:-1], axis=1))
+
+
+def _reference(reference_root: str | None, key: str, settings: Settings) -> tuple[np.ndarray | None, str, str]:
+    """(reference pixels or None, its URI, a note when it is missing or unusable)."""
+    if not reference_root:
+        return None, "", ""
+    uri = join(reference_root, key)
+    fs, path = fsspec_for(uri, settings)
+    try:
+        return decode_image(fs.cat_file(path)), uri, ""
+    except FileNotFoundError:
+        return None, "", "no reference"
+    except ImageError as exc:
+        return None, uri, f"reference unusable: {exc.reason}"
+
+
+def _quality(noisy: np.ndarray, denoised: np.ndarray, reference: np.ndarray | None, note: str) -> tuple[dict, str]:
+    from pipeline.metrics import estimate_noise_sigma, psnr, ssim
+
+    x, y = to_float(noisy), to_float(denoised)
+    scores: dict[str, float | None] = {"sigma_in": estimate_noise_sigma(x), "sigma_out": estimate_noise_sigma(y),
+                                       "psnr_in": None, "psnr_out": None, "ssim_in": None, "ssim_out": None}
+    if reference is not None:
+        if reference.shape != noisy.shape:
+            return scores, f"reference is {reference.shape[1]}x{reference.shape[0]}, image is {noisy.shape[1]}x{noisy.shape[0]}"
+        r = to_float(reference)
+        scores |= {"psnr_in": psnr(r, x), "psnr_out": psnr(r, y), "ssim_in": ssim(r, x), "ssim_out": ssim(r, y)}
+    return scores, note
+
+
+def finish_row(row: dict, *, settings: Settings, config: DenoiseConfig, model_ref: str, model_version: str,
+               run_id: str) -> dict:
+    """Write the PNG, score it and record the item's state marker; returns the item's status row."""
+    now = dt.datetime.now(dt.timezone.utc).isoformat()
+    record = {"key": row["key"], "input_uri": row["input_uri"], "checksum": row["checksum"],
+              "status": row["status"], "reason": row["reason"], "stage": row["stage"], "retry": bool(row["retry"]),
+              "run_id": run_id, "finished_at": now, "partition": config.partition}
+    fs, out_root = fsspec_for(config.output, settings)
+    preview = b""
+    if record["status"] == "pending":
+        try:
+            result, preview = _write_result(row, fs, settings=settings, config=config, model_ref=model_ref,
+                                            model_version=model_version)
+            record |= result
+            write_atomic(fs, _marker_path(out_root, "done", config.partition,
+                                          marker_name(row["key"], row["checksum"]) + ".json"),
+                         json.dumps({c: record.get(c) for c in MANIFEST_COLUMNS}).encode())
+        except Exception as exc:  # storage or metric failure: report it, retry next run
+            record |= {"status": "failed", "stage": "write", "retry": True,
+                       "reason": f"write failed: {type(exc).__name__}: {exc}".splitlines()[0]}
+    if record["status"] == "failed":
+        final = "" if record["retry"] or not record["checksum"] else ".final"
+        try:
+            write_atomic(fs, _marker_path(out_root, "errors", config.partition,
+                                          marker_name(row["key"], row["checksum"]) + final + ".json"),
+                         json.dumps({c: record.get(c) for c in ERROR_COLUMNS}).encode())
+        except Exception as exc:  # the row still reaches the driver's counts and log
+            record["reason"] += f" (error marker not written: {type(exc).__name__})"
+    return status_row(record, preview)
+
+
+def status_row(record: dict, preview: bytes = b"") -> dict:
+    """One fixed schema for every item's row back to the driver (NaN where a score is missing)."""
+    row = {c: record.get(c) for c in STATUS_COLUMNS}
+    for column in FLOAT_COLUMNS:
+        row[column] = float("nan") if row[column] is None else float(row[column])
+    for column in ("height", "width", "bits"):
+        row[column] = int(row[column] or 0)
+    for column in ("output_uri", "reason", "note", "checksum"):
+        row[column] = row[column] or ""
+    return {**row, "preview": preview}
+
+
+def _write_result(row: dict, fs, *, settings: Settings, config: DenoiseConfig, model_ref: str,
+                  model_version: str) -> tuple[dict, bytes]:
+    h, w, bits = int(row["height"]), int(row["width"]), int(row["bits"])
+    noisy, denoised = pixels_of(row["pixels"], h, w, bits), pixels_of(row["denoised"], h, w, bits)
+    output_uri = join(config.out_root, "images", output_key(row["key"]))
+    write_atomic(fs, strip_scheme(output_uri), encode_png(denoised))
+    reference, reference_uri, note = _reference(config.reference, row["key"], settings)
+    scores, note = _quality(noisy, denoised, reference, note)
+    result = {"status": "done", "output_uri": output_uri, "height": h, "width": w, "bits": bits,
+              "seconds": float(row["seconds"]), **scores, "reference_uri": reference_uri, "note": note,
+              "model_uri": model_ref, "model_version": model_version, "sampler": config.sampler,
+              "steps": 1 if config.sampler == "direct" else config.steps}
+    return result, _preview(noisy, denoised, reference if scores["psnr_in"] is not None else None)
+
+
+# -- merging state into the partition's tables ---------------------------------------
+
+
+def _read_markers(fs, base: str) -> list[dict]:
+    if not fs.isdir(base):
+        return []
+    paths = [p for p in fs.find(base) if p.endswith(".json")]
+    return [json.loads(data) for data in fs.cat(paths).values()] if paths else []
+
+
+def merge_state(config: DenoiseConfig, settings: Settings, *, run_id: str):
+    """Rewrite OUTPUT[/date]/manifest.parquet and errors.parquet from the partition's markers."""
+    import pandas as pd
+
+    fs, root = fsspec_for(config.output, settings)
+    done = _read_markers(fs, join(root, STATE, "done", config.partition))
+    manifest = pd.DataFrame(done, columns=MANIFEST_COLUMNS)
+    manifest = manifest.sort_values("finished_at").drop_duplicates("key", keep="last").sort_values("key")
+    done_pairs = set(zip(manifest["key"], manifest["checksum"]))
+    errors = [e for e in _read_markers(fs, join(root, STATE, "errors", config.partition))
+              if (e["key"], e["checksum"]) not in done_pairs and (e["checksum"] or e["run_id"] == run_id)]
+    errors = pd.DataFrame(errors, columns=ERROR_COLUMNS)
+    errors = errors.sort_values("finished_at").drop_duplicates(["key", "checksum"], keep="last").sort_values("key")
+    _, out_root = fsspec_for(config.out_root, settings)
+    for name, table in (("manifest.parquet", manifest), ("errors.parquet", errors)):
+        buffer = io.BytesIO()
+        table.reset_index(drop=True).to_parquet(buffer, index=False)
+        write_atomic(fs, join(out_root, name), buffer.getvalue())
+    return manifest.reset_index(drop=True), errors.reset_index(drop=True)
+
+
+# -- the driver ----------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    megapixels: float = 0.0
+    seconds: float = 0.0
+    psnr_gain: list[float] = field(default_factory=list)
+    ssim_gain: list[float] = field(default_factory=list)
+    sigma_drop: list[float] = field(default_factory=list)
+    previews: list[tuple[str, bytes]] = field(default_factory=list)
+
+    @property
+    def mp_per_s(self) -> float:
+        return self.megapixels / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, row: dict, keep_previews: int) -> None:
+        status = row["status"]
+        if status == "skipped":
+            self.skipped += 1
+        elif status == "failed":
+            self.failed += 1
+        elif status == "done":
+            self.done += 1
+            self.megapixels += row["height"] * row["width"] / 1e6
+            self.sigma_drop.append(row["sigma_in"] - row["sigma_out"])
+            if not np.isnan(row["psnr_in"]):
+                self.psnr_gain.append(row["psnr_out"] - row["psnr_in"])
+                self.ssim_gain.append(row["ssim_out"] - row["ssim_in"])
+            if len(self.previews) < keep_previews:
+                self.previews.append((row["key"], row["preview"]))
+
+    def line(self) -> str:
+        return (f"{self.done} done, {self.skipped} skipped, {self.failed} failed, {self.megapixels:.2f} MP in "
+                f"{self.seconds:.1f}s ({self.mp_per_s:.3f} MP/s)")
+
+    def metrics(self) -> dict[str, float]:
+        found = {"items_done": self.done, "items_skipped": self.skipped, "items_failed": self.failed,
+                 "megapixels": self.megapixels, "seconds": self.seconds, "mp_per_s": self.mp_per_s}
+        for name, values in (("psnr_gain", self.psnr_gain), ("ssim_gain", self.ssim_gain),
+                             ("sigma_reduction", self.sigma_drop)):
+            if values:
+                found |= {f"mean_{name}": float(np.mean(values)), f"median_{name}": float(np.median(values))}
+        return found
+
+
+def build_dataset(config: DenoiseConfig, settings: Settings, sources: list[Source], *, index: StateIndex,
+                  model_ref: str, model_version: str, run_id: str):
+    """The lazy Ray Data graph; iterating it runs the job and yields one small row per item."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    archive_prefixes = tuple(s.rel + "/" for s in sources if kind_of(s.rel) == "archive")
+    items = ray.data.from_items([{"rel": s.rel, "uri": s.uri, "size": s.size} for s in sources],
+                                override_num_blocks=max(1, min(len(sources), 256)))
+    # The memory reservation bounds decoded images in flight per node, and, since the model
+    # actors ask for none, keeps Ray Data from fusing reading and decoding into the actors.
+    task_args = {"num_cpus": config.cpus_per_task, "memory": config.task_memory_mb * (1 << 20)}
+    decoded = items.flat_map(expand_source, **task_args, fn_kwargs={
+        "settings": settings, "limits": config.limits, "index": index, "max_pixels": config.max_pixels,
+        "archive_prefixes": archive_prefixes})
+    denoised = decoded.map_batches(
+        Denoise, batch_size=1, batch_format="numpy", zero_copy_batch=False,
+        fn_constructor_kwargs={"model_uri": model_ref, "settings": settings, "sampler": config.sampler,
+                               "steps": config.steps, "tile": config.tile, "overlap": config.overlap,
+                               "batch_size": config.batch_size, "threads": max(1, round(config.cpus_per_worker))},
+        compute=ray.data.ActorPoolStrategy(size=config.workers),
+        num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker or None)
+    return denoised.map(finish_row, **task_args, fn_kwargs={
+        "settings": settings, "config": config, "model_ref": model_ref, "model_version": model_version,
+        "run_id": run_id})
+
+
+def run_batch_denoise(config: DenoiseConfig, settings: Settings, *, log: Callable[[str], None] = print,
+                      progress_every_s: float = 15.0) -> dict:
+    """Run the whole job: list, denoise, merge state, log to MLflow; returns the summary and paths."""
+    import mlflow
+
+    from pipeline.cluster import init_ray
+    from pipeline.modelstore import load_denoiser
+
+    sources = list_sources(config.input, settings)
+    log(f"input: {len(sources)} files under {config.input} "
+        f"({sum(kind_of(s.rel) == 'archive' for s in sources)} archives)")
+    denoiser = load_denoiser(config.model, settings)
+    if config.sampler != "direct" and config.steps > denoiser.T:
+        raise DenoiseConfigError(f"--steps {config.steps} is more than the model's T={denoiser.T}")
+    # Pin an alias to the version it points at now, so every actor loads the same weights.
+    model_ref = f"models:/{denoiser.name}/{denoiser.version}" if denoiser.name else config.model
+    model_version = str(denoiser.version or "")
+    log(f"model: {config.model} -> {model_ref} (T={denoiser.T}), sampler {config.sampler}, K={config.steps}")
+    index = read_state_index(config.output, settings)
+    run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    date = config.date or dt.date.today().isoformat()
+
+    init_ray(settings)
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    mlflow.set_experiment(config.experiment)
+    summary = Summary()
+    with mlflow.start_run(run_name=f"batch-denoise-{date}") as run:
+        mlflow.set_tags({"input": config.input, "output": config.out_root, "model_uri": model_ref,
+                         "model_name": denoiser.name or "", "model_version": model_version,
+                         "ray_submission_id": ray_submission_id() or "", "batch_run_id": run_id})
+        mlflow.log_params({k: v for k, v in config.model_dump().items() if k not in ("input", "output")})
+        dataset = build_dataset(config, settings, sources, index=index, model_ref=model_ref,
+                                model_version=model_version, run_id=run_id)
+        start = last = time.perf_counter()
+        for row in dataset.iter_rows():
+            summary.add(row, keep_previews=config.samples)
+            if row["status"] == "failed":
+                log(f"failed: {row['key']}: {row['reason']}")
+            if time.perf_counter() - last > progress_every_s:
+                last = time.perf_counter()
+                summary.seconds = last - start
+                log(f"progress: {summary.line()}")
+        summary.seconds = time.perf_counter() - start
+        manifest, errors = merge_state(config, settings, run_id=run_id)
+        mlflow.log_metrics(summary.metrics())
+        if len(manifest):
+            mlflow.log_table(manifest, artifact_file="manifest.json")
+        if len(errors):
+            mlflow.log_table(errors, artifact_file="errors.json")
+        for i, (key, png) in enumerate(summary.previews):
+            mlflow.log_image(decode_image(png), artifact_file=f"samples/{i}-{key.replace('/', '_')}.png")
+        run_url = f"{settings.mlflow_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    log(f"summary: {summary.line()}")
+    return {"summary": summary, "manifest": join(config.out_root, "manifest.parquet"),
+            "errors": join(config.out_root, "errors.parquet"), "mlflow_run": run_url,
+            "manifest_rows": len(manifest), "error_rows": len(errors)}

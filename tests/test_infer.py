@@ -1,0 +1,234 @@
+"""The batch-denoise stages as plain functions on a local folder: no Ray, S3 or MLflow needed."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipeline.archives import Limits, list_sources
+from pipeline.images import decode_image, encode_png
+from pipeline.infer import (
+    Denoise,
+    DenoiseConfig,
+    DenoiseConfigError,
+    StateIndex,
+    Summary,
+    expand_source,
+    finish_row,
+    marker_name,
+    merge_state,
+    output_key,
+    pixels_of,
+    ray_submission_id,
+    read_state_index,
+)
+from pipeline.metrics import estimate_noise_sigma, psnr, ssim
+from pipeline.model import build_model
+from pipeline.modelstore import Denoiser
+from pipeline.settings import Settings
+
+SETTINGS = Settings()
+
+
+def photo(height: int, width: int, seed: int = 0, dtype=np.uint8) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    smooth = np.linspace(0.2, 0.8, width)[None, :, None] * np.ones((height, 1, 3))
+    noisy = np.clip(smooth + rng.normal(0, 0.05, smooth.shape), 0, 1)
+    return np.round(noisy * np.iinfo(dtype).max).astype(dtype)
+
+
+def actor(model=None, *, T: int = 20, tile: int = 512, steps: int = 4) -> Denoise:
+    model = model or build_model("tiny")
+    return Denoise(model_uri="test", settings=SETTINGS, sampler="improved", steps=steps, tile=tile, overlap=8,
+                   batch_size=2, threads=1, denoiser=Denoiser(model=model.eval(), T=T, uri="test"))
+
+
+def perturbed_model():
+    torch.manual_seed(0)
+    model = build_model("tiny")
+    with torch.no_grad():
+        model.out_conv.weight.normal_(0, 0.01)  # the zero-initialised head makes a fresh UNet the identity
+    return model
+
+
+def expand_all(folder, *, index=StateIndex(), max_pixels=10_000_000, limits=Limits()) -> dict[str, dict]:
+    rows = {}
+    sources = list_sources(str(folder), SETTINGS)
+    prefixes = tuple(s.rel + "/" for s in sources if s.kind == "archive")
+    for source in sources:
+        row = {"rel": source.rel, "uri": source.uri, "size": source.size}
+        for item in expand_source(row, settings=SETTINGS, limits=limits, index=index, max_pixels=max_pixels,
+                                  archive_prefixes=prefixes):
+            rows[item["key"]] = item
+    return rows
+
+
+def run_items(rows: dict[str, dict], config: DenoiseConfig, denoise: Denoise, run_id: str = "run-1") -> list[dict]:
+    """What the Ray Data graph does, row by row."""
+    out = []
+    for row in rows.values():
+        batch = {k: np.array([v], dtype=object) for k, v in row.items()}
+        batch = denoise(batch)
+        row = {k: v[0] for k, v in batch.items()}
+        out.append(finish_row(row, settings=SETTINGS, config=config, model_ref="models:/m/1", model_version="1",
+                              run_id=run_id))
+    return out
+
+
+def test_config_is_validated_once_with_readable_errors(tmp_path):
+    config = DenoiseConfig.build(input="in", output=str(tmp_path / "out"), date="2024-05-01")
+    assert config.input.startswith("/") and config.out_root == str(tmp_path / "out" / "2024-05-01")
+    assert config.partition == "2024-05-01" and DenoiseConfig.build(input="a", output="b").partition == "undated"
+    for bad, match in [({"date": "2024-13-40"}, "YYYY-MM-DD"), ({"overlap": 600}, "overlap"),
+                       ({"output": "/x/in/out", "input": "/x/in"}, "contain one another"),
+                       ({"input": "gs://b/x"}, "only s3://"), ({"sampler": "ddim"}, "sampler"),
+                       ({"steps": 0}, "steps")]:
+        with pytest.raises(DenoiseConfigError, match=match):
+            DenoiseConfig.build(**{"input": "/x/a", "output": "/x/b", **bad})
+
+
+def test_output_keys_mirror_input_keys():
+    assert output_key("night1.tar/sub/a.png") == "night1.tar/sub/a.png"
+    assert output_key("b.JPG") == "b.JPG.png" and output_key("c.tif") == "c.tif.png"
+    with pytest.raises(ValueError):
+        output_key("night1.tar/../../x.png")
+
+
+def test_submission_id_comes_from_the_job_config(monkeypatch):
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}}))
+    assert ray_submission_id() == "raysubmit_1"
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert ray_submission_id() is None
+
+
+def test_expand_decodes_good_items_and_names_every_bad_one(tmp_path):
+    (tmp_path / "good.png").write_bytes(encode_png(photo(20, 24)))
+    (tmp_path / "deep.png").write_bytes(encode_png(photo(10, 12, dtype=np.uint16)))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "truncated.png").write_bytes(encode_png(photo(40, 40))[:200])
+    (tmp_path / "huge.png").write_bytes(encode_png(photo(120, 120)))
+    (tmp_path / "notes.txt").write_text("hello")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for name, data in (("ok/a.png", encode_png(photo(8, 8))), ("../escape.png", encode_png(photo(8, 8)))):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    (tmp_path / "n.tar").write_bytes(buffer.getvalue())
+    rows = expand_all(tmp_path, max_pixels=10_000)
+    status = {k: (r["status"], r["stage"], r["reason"]) for k, r in rows.items()}
+    assert status["good.png"][0] == status["deep.png"][0] == status["n.tar/ok/a.png"][0] == "pending"
+    assert status["corrupt.png"][:2] == ("failed", "decode") and "corrupt" in status["corrupt.png"][2]
+    assert status["zero.jpg"] == ("failed", "decode", "zero-byte file")
+    assert status["truncated.png"][:2] == ("failed", "decode") and "truncated" in status["truncated.png"][2]
+    assert status["huge.png"] == ("failed", "decode", "too large: 14400 px > limit 10000")
+    assert status["notes.txt"][:2] == ("failed", "read")
+    assert status["n.tar/../escape.png"][:2] == ("failed", "read") and "'..'" in status["n.tar/../escape.png"][2]
+    deep = rows["deep.png"]
+    assert (deep["height"], deep["width"], deep["bits"]) == (10, 12, 16)
+    assert np.array_equal(pixels_of(deep["pixels"], 10, 12, 16), photo(10, 12, dtype=np.uint16))
+    assert rows["good.png"]["checksum"] and not rows["notes.txt"]["checksum"]
+
+
+def test_identity_model_returns_the_input_tiled_or_whole_in_both_bit_depths():
+    # A fresh UNet is the identity (zero-initialised head), so every sampler must return y.
+    for dtype in (np.uint8, np.uint16):
+        image = photo(70, 90, dtype=dtype)
+        for tile in (32, 512):
+            out = actor(tile=tile).denoise(image)
+            assert out.dtype == dtype and out.shape == image.shape
+            assert np.abs(out.astype(np.int64) - image).max() <= 1
+
+
+def test_tiled_inference_matches_whole_image_inference():
+    image = photo(64, 80, seed=3)
+    model = perturbed_model()
+    whole = actor(model, tile=512).denoise(image)
+    tiled = actor(model, tile=48).denoise(image)
+    assert not np.array_equal(whole, image)  # the model does something
+    assert psnr(whole / 255.0, tiled / 255.0) > 35
+
+
+def test_actor_reports_a_failing_item_and_keeps_going():
+    denoise = actor()
+    good = photo(8, 8)
+    batch = {"key": np.array(["a", "b"], dtype=object), "status": np.array(["pending", "pending"], dtype=object),
+             "reason": np.array(["", ""], dtype=object), "stage": np.array(["", ""], dtype=object),
+             "retry": np.array([False, False]), "pixels": np.array([good.tobytes(), b"short"], dtype=object),
+             "height": np.array([8, 8]), "width": np.array([8, 8]), "bits": np.array([8, 8])}
+    out = denoise(batch)
+    assert list(out["status"]) == ["pending", "failed"]
+    assert out["stage"][1] == "denoise" and out["retry"][1] and "inference failed" in out["reason"][1]
+    assert np.array_equal(pixels_of(out["denoised"][0], 8, 8, 8), good)
+
+
+def test_finish_writes_png_metrics_and_markers_then_merge_builds_the_tables(tmp_path):
+    noisy_dir, ref_dir, out_dir = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
+    noisy_dir.mkdir(), ref_dir.mkdir()
+    clean = photo(32, 40, seed=1)
+    noisy = np.clip(clean.astype(int) + np.random.default_rng(2).integers(-20, 20, clean.shape), 0, 255).astype(np.uint8)
+    (noisy_dir / "a.png").write_bytes(encode_png(noisy))
+    (ref_dir / "a.png").write_bytes(encode_png(clean))
+    (noisy_dir / "b.jpg.png").write_bytes(encode_png(photo(16, 16, dtype=np.uint16)))  # no reference
+    (noisy_dir / "zero.png").write_bytes(b"")
+    config = DenoiseConfig.build(input=str(noisy_dir), output=str(out_dir), reference=str(ref_dir), date="2024-05-01",
+                                 sampler="origin", steps=2)
+    results = {r["key"]: r for r in run_items(expand_all(noisy_dir), config, actor(perturbed_model()))}
+    assert {k: r["status"] for k, r in results.items()} == {"a.png": "done", "b.jpg.png": "done", "zero.png": "failed"}
+
+    written = decode_image((out_dir / "2024-05-01" / "images" / "a.png").read_bytes())
+    assert written.shape == noisy.shape and written.dtype == np.uint8
+    a = results["a.png"]
+    assert a["psnr_in"] == pytest.approx(psnr(clean / 255.0, noisy / 255.0))
+    assert a["psnr_out"] == pytest.approx(psnr(clean / 255.0, written / 255.0))
+    assert a["ssim_out"] == pytest.approx(ssim(clean / 255.0, written / 255.0))
+    assert a["sigma_out"] == pytest.approx(estimate_noise_sigma(written / 255.0))
+    assert decode_image(a["preview"]).shape == (32, 40 * 3 + 8, 3)  # noisy | denoised | reference
+    deep = decode_image((out_dir / "2024-05-01" / "images" / "b.jpg.png").read_bytes())
+    assert deep.dtype == np.uint16
+    assert math.isnan(results["b.jpg.png"]["psnr_in"]) and results["b.jpg.png"]["note"] == "no reference"
+
+    manifest, errors = merge_state(config, SETTINGS, run_id="run-1")
+    assert list(manifest["key"]) == ["a.png", "b.jpg.png"]
+    assert manifest.loc[0, "output_uri"] == str(out_dir / "2024-05-01" / "images" / "a.png")
+    assert manifest.loc[0, "psnr_out"] == pytest.approx(a["psnr_out"])
+    assert manifest.loc[1, "psnr_in"] is None or math.isnan(manifest.loc[1, "psnr_in"])
+    assert (manifest["model_uri"] == "models:/m/1").all() and (manifest["sampler"] == "origin").all()
+    assert list(errors["key"]) == ["zero.png"] and errors.loc[0, "reason"] == "zero-byte file"
+    on_disk = pd.read_parquet(out_dir / "2024-05-01" / "manifest.parquet")
+    assert list(on_disk["key"]) == ["a.png", "b.jpg.png"]
+    assert len(pd.read_parquet(out_dir / "2024-05-01" / "errors.parquet")) == 1
+
+    # The next run skips the done items and the deterministic failure, by key and checksum.
+    index = read_state_index(config.output, SETTINGS)
+    assert marker_name("a.png", results["a.png"]["checksum"]) in index.done
+    again = expand_all(noisy_dir, index=index)
+    assert {k: r["status"] for k, r in again.items()} == {"a.png": "skipped", "b.jpg.png": "skipped",
+                                                         "zero.png": "skipped"}
+    # A changed file under the same key is new work.
+    (noisy_dir / "a.png").write_bytes(encode_png(noisy[::-1].copy()))
+    assert expand_all(noisy_dir, index=index)["a.png"]["status"] == "pending"
+
+
+def test_summary_counts_and_gains():
+    summary = Summary(seconds=2.0)
+    summary.add({"status": "done", "key": "a", "height": 1000, "width": 1000, "sigma_in": 0.1, "sigma_out": 0.02,
+                 "psnr_in": 20.0, "psnr_out": 30.0, "ssim_in": 0.5, "ssim_out": 0.9, "preview": b"x"}, 1)
+    summary.add({"status": "done", "key": "b", "height": 1000, "width": 1000, "sigma_in": 0.1, "sigma_out": 0.05,
+                 "psnr_in": math.nan, "psnr_out": math.nan, "ssim_in": math.nan, "ssim_out": math.nan,
+                 "preview": b"y"}, 1)
+    summary.add({"status": "skipped"}, 1)
+    summary.add({"status": "failed"}, 1)
+    metrics = summary.metrics()
+    assert (metrics["items_done"], metrics["items_skipped"], metrics["items_failed"]) == (2, 1, 1)
+    assert metrics["mp_per_s"] == pytest.approx(1.0) and metrics["mean_psnr_gain"] == pytest.approx(10.0)
+    assert metrics["mean_sigma_reduction"] == pytest.approx(0.065) and summary.previews == [("a", b"x")]
+    assert summary.line() == "2 done, 1 skipped, 1 failed, 2.00 MP in 2.0s (1.000 MP/s)"
