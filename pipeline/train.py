@@ -1,0 +1,464 @@
+"""Distributed training: Ray Data patches -> Ray Train DDP workers -> checkpoints in S3; rank 0 -> MLflow.
+
+The driver checks everything it can before touching the cluster (config, dataset card,
+storage, MLflow), opens the MLflow run itself so that every worker-group attempt logs to
+the same run, and at the end registers the EMA weights of the last checkpoint.
+Each worker reads only its Ray Data shard; rank 0 alone validates, on fixed crops of
+the validation split, and logs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.checkpoint import checkpoint_files, load_checkpoint
+from pipeline.config import TrainConfig
+from pipeline.diffusion import sample, training_loss
+from pipeline.errors import PipelineError
+from pipeline.images import to_uint8
+from pipeline.metrics import psnr, ssim
+from pipeline.model import UNet
+from pipeline.settings import Settings
+
+TRAIN_STATE = "train_state.pt"
+TRAIN_META = "train_state.json"
+METRIC_KEYS = ["train_loss", "lr", "samples_per_s", "val_psnr", "val_ssim", "val_psnr_direct", "val_ssim_direct",
+               "val_psnr_noisy", "val_ssim_noisy"]
+
+
+class TrainingError(PipelineError):
+    """Training could not finish, or its result could not be recorded."""
+
+
+# ---------------------------------------------------------------- the math of one run (no Ray)
+
+def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then a cosine down to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, *, decay: float, step: int) -> None:
+    """EMA with a short warm-up, so a run of a few hundred steps exports trained weights, not the init."""
+    decay = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+@torch.no_grad()
+def evaluate(model: UNet, pairs: list[dict], *, T: int, sampler: str, steps: int,
+             device: torch.device | str = "cpu") -> tuple[dict[str, float], np.ndarray]:
+    """Mean PSNR/SSIM of the noisy input, the one-step ``direct`` output and the configured sampler,
+    plus a strip (noisy | direct | sampler | clean) of the first pair."""
+    model.eval()
+    scores: dict[str, list[float]] = {}
+    strip = None
+    for pair in pairs:
+        clean, noisy = pair["clean"], pair["noisy"]
+        y = torch.from_numpy(np.ascontiguousarray(noisy.transpose(2, 0, 1)))[None].to(device)
+        outputs = {"noisy": noisy}
+        for name, kind, k in (("direct", "direct", 1), ("", sampler, steps)):
+            out = sample(model, y, T=T, steps=k, sampler=kind).clamp(0, 1)
+            outputs[name] = out[0].float().cpu().numpy().transpose(1, 2, 0)
+        for name, image in outputs.items():
+            suffix = f"_{name}" if name else ""
+            scores.setdefault(f"val_psnr{suffix}", []).append(psnr(clean, image))
+            scores.setdefault(f"val_ssim{suffix}", []).append(ssim(clean, image))
+        if strip is None:
+            strip = to_uint8(np.concatenate([noisy, outputs["direct"], outputs[""], clean], axis=1))
+    return {k: float(np.mean(v)) for k, v in scores.items()}, strip
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": [version, list(state), gauss]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(values), gauss))
+
+
+# ---------------------------------------------------------------- one worker
+
+def say(message: str) -> None:
+    """One line on the driver: Ray Train tees patched prints when a library wraps stdout, so bypass that."""
+    print(message, file=sys.__stdout__, flush=True)
+
+
+def _progress_line(step: int, total: int, loss: float, lr: float, rate: float, elapsed: float, done: int) -> str:
+    eta = (total - step) * elapsed / max(done, 1)
+    return (f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {rate:.1f} samples/s | "
+            f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker: DDP over its dataset shard; rank 0 validates, logs and writes the state."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline.shards import validation_pairs
+    from pipeline.tracking import RunLogger
+
+    _quiet_worker_logs()
+    config = TrainConfig.model_validate(loop_config["config"])
+    settings: Settings = loop_config["settings"]
+    total: int = loop_config["total_steps"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    threads = config.train.threads_per_worker or max(1, int(config.scaling.resources_per_worker.get("CPU", 1)))
+    torch.set_num_threads(threads)
+    seed_everything(config.train.seed + 1000 * rank)
+
+    model = UNet(config.model.unet_config()).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup=opt.warmup_steps, total=total, min_ratio=opt.min_lr_ratio))
+
+    step, run_id = 0, loop_config["run_id"]
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / TRAIN_STATE, map_location=device, weights_only=True)
+            meta = json.loads((Path(folder) / TRAIN_META).read_text())
+            rng_file = Path(folder) / "rng" / f"rank-{rank}.pt"
+            rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, run_id = int(meta["step"]), meta.get("mlflow_run_id") or run_id
+        if rng is not None:
+            set_rng_state(rng)
+        else:  # a different world size than before: fresh, distinct streams per rank
+            seed_everything(config.train.seed + 1000 * rank + step)
+        if rank == 0:
+            say(f"resumed from checkpoint at step {step}/{total}")
+
+    ddp_model = ray.train.torch.prepare_model(model)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=device.type == "cuda" and config.train.bf16)
+    shard = ray.train.get_dataset_shard("train")
+
+    logger = val_pairs = None
+    if rank == 0:
+        logger = RunLogger(loop_config["mlflow_uri"], run_id)
+        logger.start(METRIC_KEYS)
+        val = config.validation
+        val_pairs = validation_pairs(config.dataset, settings, crop=val.crop, limit=val.limit)
+    kill_at = config.fault_injection.kill_at_step if checkpoint is None else None
+
+    losses: list[torch.Tensor] = []
+    window_start, window_step = time.perf_counter(), step
+    run_start, run_start_step = window_start, step
+    while step < total:
+        for batch in shard.iter_torch_batches(batch_size=config.train.batch_size, dtypes=torch.float32,
+                                              device=device, drop_last=True):
+            ddp_model.train()
+            with autocast:
+                loss = training_loss(ddp_model, batch["clean"], batch["noisy"], T=config.diffusion.T,
+                                     kind=config.diffusion.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if opt.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            update_ema(ema, model, decay=opt.ema_decay, step=step)
+            step += 1
+            losses.append(loss.detach())
+
+            if step % config.train.log_every == 0 or step == total:
+                if rank == 0:
+                    now = time.perf_counter()
+                    rate = (step - window_step) * config.train.batch_size * world / (now - window_start)
+                    lr = optimizer.param_groups[0]["lr"]
+                    values = torch.stack(losses).float().cpu().tolist()
+                    for i, value in enumerate(values):
+                        logger.log({"train_loss": value}, step - len(values) + 1 + i)
+                    logger.log({"lr": lr, "samples_per_s": rate}, step)
+                    logger.flush()
+                    say(_progress_line(step, total, float(np.mean(values)), lr, rate, now - run_start,
+                                       step - run_start_step))
+                    window_start, window_step = now, step
+                losses = []
+
+            if rank == 0 and kill_at is not None and step == kill_at:
+                say(f"fault injection: rank 0 kills its own process at step {step}")
+                logger.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            metrics = {"step": step}
+            if step % config.validation.every_steps == 0 or step == total:
+                if rank == 0:
+                    started = time.perf_counter()
+                    scores, strip = evaluate(ema, val_pairs, T=config.diffusion.T, sampler=config.validation.sampler,
+                                             steps=config.validation.sampler_steps, device=device)
+                    logger.log(scores, step)
+                    logger.image(strip, "val_strip", step)
+                    logger.flush()
+                    metrics |= scores
+                    say(f"validation at step {step}: PSNR noisy {scores['val_psnr_noisy']:.2f} dB, "
+                        f"direct {scores['val_psnr_direct']:.2f} dB, {config.validation.sampler} "
+                        f"{scores['val_psnr']:.2f} dB ({time.perf_counter() - started:.1f}s)")
+                    # time spent validating is not training throughput
+                    window_start += time.perf_counter() - started
+            if step % config.checkpoint.every_steps == 0 or step == total:
+                if rank == 0:
+                    metrics |= {"mlflow_failures": logger.failures, "mlflow_dropped": logger.dropped,
+                                "mlflow_error": logger.first_error or ""}
+                _report_checkpoint(metrics, step=step, rank=rank, model=model, ema=ema, optimizer=optimizer,
+                                   scheduler=scheduler, config=config, run_id=run_id, total=total)
+            if step >= total:
+                break
+    if logger is not None:
+        logger.close()
+
+
+def _quiet_worker_logs() -> None:
+    """Keep the driver's output to our progress lines: no per-report dumps or MLflow chatter."""
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    try:  # Ray Train logs every report under this module's file name, at INFO
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
+
+
+def _report_checkpoint(metrics: dict, *, step: int, rank: int, model, ema, optimizer, scheduler,
+                       config: TrainConfig, run_id: str, total: int) -> None:
+    """Every rank adds its RNG state; rank 0 adds weights, EMA, optimizer and schedule. Ray merges them."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / "rng").mkdir()
+        torch.save(rng_state(), folder / "rng" / f"rank-{rank}.pt")
+        if rank == 0:
+            torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict()}, folder / TRAIN_STATE)
+            meta = {"step": step, "total_steps": total, "mlflow_run_id": run_id, "val_psnr": metrics.get("val_psnr"),
+                    "run_name": config.run_name}
+            (folder / TRAIN_META).write_text(json.dumps(meta, indent=2))
+            # The EMA weights in the plain checkpoint format, so the folder is also a loadable model.
+            ema_cpu = copy.deepcopy(ema).cpu()
+            for name, data in checkpoint_files(ema_cpu, T=config.diffusion.T, extra=meta).items():
+                (folder / name).write_bytes(data)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"step-{step:08d}")
+
+
+# ---------------------------------------------------------------- the driver
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def plan_steps(config: TrainConfig, card: dict) -> int:
+    """Total optimizer steps: given, or epochs x the batches one worker sees per epoch."""
+    if config.train.steps is not None:
+        return config.train.steps
+    patches = int(card["counts"]["train"]) * config.data.crops_per_image
+    per_epoch = patches // (config.train.batch_size * config.scaling.num_workers)
+    if per_epoch < 1:
+        raise TrainingError(f"{patches} patches per epoch are fewer than one batch on every worker "
+                            f"({config.train.batch_size} x {config.scaling.num_workers}); lower train.batch_size")
+    return config.train.epochs * per_epoch
+
+
+def check_dataset(config: TrainConfig, settings: Settings) -> dict:
+    """The dataset card, or a clear error when the dataset is missing or has nothing to train on."""
+    from pipeline.shards import DatasetError, read_card, split_files
+
+    card = read_card(config.dataset, settings)
+    counts = card.get("counts") or {}
+    for split in ("train", "val"):
+        if split in counts and not counts[split]:
+            raise DatasetError(f"dataset {config.dataset} has no '{split}' pairs (dataset.json counts: {counts}); "
+                               f"ingest more pairs")
+        split_files(config.dataset, split, settings)
+    return card
+
+
+def train(config: TrainConfig, settings: Settings, *, promote: bool = False, log=print) -> dict:
+    """Check, train (or resume) on the Ray cluster, register the EMA model; returns a summary."""
+    from pipeline.cluster import init_ray
+    from pipeline.storage import arrow_fs_for, check_storage, is_s3
+    from pipeline.tracking import check_mlflow, open_training_run
+
+    if is_s3(config.dataset) or is_s3(config.storage_path or "s3://"):
+        check_storage(settings)
+    card = check_dataset(config, settings)
+    check_mlflow(settings.mlflow_uri)
+    total = plan_steps(config, card)
+    run_name = config.run_name or time.strftime("train-%Y%m%d-%H%M%S")
+    config = config.model_copy(update={"run_name": run_name})
+    storage_uri = config.storage_path or settings.uri("checkpoints")
+    storage_fs, storage_path = arrow_fs_for(storage_uri, settings)
+
+    commit = git_commit()
+    params = {**config.flat(), "dataset_hash": card.get("dataset_hash"), "git_commit": commit, "total_steps": total,
+              "train_pairs": (card.get("counts") or {}).get("train"), "val_pairs": (card.get("counts") or {}).get("val")}
+    run_id, resumed, changed = open_training_run(
+        settings.mlflow_uri, experiment=config.mlflow.experiment, run_name=run_name, params=params,
+        tags={"dataset": config.dataset, "checkpoints": f"{storage_uri.rstrip('/')}/{run_name}",
+              **({"git_commit": commit} if commit else {})})
+    log(f"run {run_name}: {total} steps on {config.scaling.num_workers} worker(s), checkpoints in "
+        f"{storage_uri.rstrip('/')}/{run_name}, MLflow run {run_id}{' (resumed)' if resumed else ''}")
+    if changed:
+        log(f"warning: the MLflow run keeps its first values of changed params: {', '.join(changed)}")
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    init_ray(settings, runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
+    result = _fit(config, settings, total=total, run_id=run_id, storage_fs=storage_fs, storage_path=storage_path)
+    metrics = result.metrics or {}
+    if metrics.get("mlflow_failures") or metrics.get("mlflow_dropped"):
+        log(f"warning: MLflow logging failed {metrics['mlflow_failures']} time(s) during training "
+            f"({metrics.get('mlflow_error')}); {metrics['mlflow_dropped']} value(s) were not logged")
+    checkpoint_uri = f"s3://{result.checkpoint.path}" if is_s3(storage_uri) else result.checkpoint.path
+    log(f"trained to step {metrics.get('step')}: val PSNR {metrics.get('val_psnr', float('nan')):.2f} dB "
+        f"({config.validation.sampler}, K={config.validation.sampler_steps}) vs noisy "
+        f"{metrics.get('val_psnr_noisy', float('nan')):.2f} dB; checkpoint {checkpoint_uri}")
+    summary = {"run_name": run_name, "run_id": run_id, "checkpoint": checkpoint_uri, "metrics": metrics,
+               "total_steps": total}
+    summary |= register(config, settings, result.checkpoint, run_id=run_id, promote_champion=promote, log=log)
+    return summary
+
+
+def _fit(config: TrainConfig, settings: Settings, *, total: int, run_id: str, storage_fs, storage_path: str):
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.shards import training_patches
+
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
+    patches = training_patches(config.dataset, settings, patch_size=config.data.patch_size,
+                               crops_per_image=config.data.crops_per_image, seed=config.data.seed)
+    scaling = config.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "settings": settings, "total_steps": total,
+                           "run_id": run_id, "mlflow_uri": settings.mlflow_uri},
+        torch_config=TorchConfig(backend=scaling.torch_backend),
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=dict(scaling.resources_per_worker)),
+        run_config=ray.train.RunConfig(
+            name=config.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep,
+                                                         checkpoint_score_attribute="val_psnr",
+                                                         checkpoint_score_order="max"),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets={"train": patches},
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        raise TrainingError(f"training run {config.run_name} failed after {scaling.max_failures} restart(s): "
+                            f"{_root_cause(exc)}; rerun with --name {config.run_name} to resume from its last "
+                            f"checkpoint") from None
+    if result.checkpoint is None:
+        raise TrainingError(f"training run {config.run_name} ended without a checkpoint")
+    return result
+
+
+def _root_cause(exc: BaseException) -> str:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[-1] if lines else ''}"[:400]
+
+
+def register(config: TrainConfig, settings: Settings, checkpoint, *, run_id: str, promote_champion: bool,
+             log=print) -> dict:
+    """Log the checkpoint's EMA model to the run, register it with alias ``candidate``, maybe promote it."""
+    import mlflow
+
+    from pipeline.modelstore import log_denoiser, promote
+    from pipeline.tracking import TrackingError, check_mlflow
+
+    name = config.mlflow.registered_model
+    try:
+        check_mlflow(settings.mlflow_uri)
+    except TrackingError as exc:
+        raise TrainingError(f"training finished but the model was not registered: {exc}; once MLflow is back, "
+                            f"rerun with --name {config.run_name} to register the last checkpoint") from None
+    with checkpoint.as_directory() as folder:
+        model, meta = load_checkpoint(folder)
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    client = mlflow.MlflowClient(settings.mlflow_uri)
+    out: dict = {}
+    try:
+        with mlflow.start_run(run_id=run_id):
+            info = log_denoiser(model, T=meta["T"], registered_name=name, sampler=config.validation.sampler,
+                                steps=config.validation.sampler_steps, extra=meta["extra"])
+            version = str(info.registered_model_version)
+            client.set_registered_model_alias(name, "candidate", version)
+            out |= {"model_name": name, "model_version": version}
+            log(f"registered {name} version {version} (alias candidate) from run {run_id}")
+            if promote_champion:
+                decision = promote(name, version, metric="val_psnr", alias="champion", settings=settings)
+                mlflow.log_dict(decision, "promotion.json")
+                mlflow.set_tag("promotion", "champion" if decision["promoted"] else "not promoted")
+                scores = {k: v for k, v in (("promotion_candidate_val_psnr", decision["candidate_score"]),
+                                            ("promotion_champion_val_psnr", decision["previous_score"]))
+                          if v is not None}
+                mlflow.log_metrics(scores)
+                previous = (f"version {decision['previous_version']} at {decision['previous_score']:.2f} dB"
+                            if decision["previous_score"] is not None else "no champion yet")
+                verdict = "now champion" if decision["promoted"] else "champion unchanged"
+                log(f"promotion: version {version} at {decision['candidate_score'] or float('nan'):.2f} dB vs "
+                    f"{previous}: {verdict}")
+                out["promotion"] = decision
+    except TrainingError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MLflow and its store raise many types
+        raise TrainingError(f"training finished but registering the model failed: {_root_cause(exc)}; rerun with "
+                            f"--name {config.run_name} to register the last checkpoint") from None
+    return out
