@@ -1,0 +1,687 @@
+"""Evaluation: the model's samplers against classic denoisers, on exactly the same pairs.
+
+One work item is one (pair, method, K) cell and gives one result row. Classic methods run
+as Ray Data tasks, the model in an actor pool (loaded once per actor); ``local=True`` runs
+the same per-item function in this process. A cell that fails becomes a ``failed`` row
+with its reason and the rest of the evaluation goes on.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import math
+import shutil
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.cluster import init_ray
+from pipeline.diffusion import SAMPLERS, denoise_tiled, sample
+from pipeline.errors import PipelineError
+from pipeline.images import decode_png_float, encode_png, to_uint8
+from pipeline.metrics import estimate_noise_sigma, psnr, sidd_protocol, ssim
+from pipeline.modelstore import DEFAULT_MODEL_URI, Denoiser, load_denoiser
+from pipeline.pairs import dataset_hash
+from pipeline.settings import Settings
+from pipeline.shards import DatasetError, center_crop, read_card, split_files
+from pipeline.storage import arrow_fs_for, fsspec_for, is_s3, join, write_atomic
+
+# ---------------------------------------------------------------- classic methods
+# Each gets the noisy image (H x W x 3 float in [0, 1]) and estimates its own noise level,
+# because a real photo comes without one. Parameters follow scikit-image's examples.
+
+NL_MEANS = {"patch_size": 5, "patch_distance": 6, "fast_mode": True, "h_per_sigma": 0.8}
+# weight = TV_WEIGHT_PER_SIGMA * sigma: the best constant for white Gaussian noise on the
+# bundled photos (0.5..3 tried); camera noise, whose sigma the estimator underrates, likes more.
+TV_WEIGHT_PER_SIGMA = 1.0
+
+
+def _noisy(noisy: np.ndarray) -> np.ndarray:
+    return noisy
+
+
+def _nl_means(noisy: np.ndarray) -> np.ndarray:
+    from skimage.restoration import denoise_nl_means
+
+    sigma = estimate_noise_sigma(noisy)
+    return denoise_nl_means(noisy, h=NL_MEANS["h_per_sigma"] * sigma, sigma=sigma, fast_mode=NL_MEANS["fast_mode"],
+                            patch_size=NL_MEANS["patch_size"], patch_distance=NL_MEANS["patch_distance"],
+                            channel_axis=-1)
+
+
+def _wavelet(noisy: np.ndarray) -> np.ndarray:
+    from skimage.restoration import denoise_wavelet
+
+    # sigma=None: scikit-image estimates it per YCbCr channel with the same MAD estimator,
+    # which beats one RGB sigma on both Gaussian and camera noise.
+    return denoise_wavelet(noisy, channel_axis=-1, convert2ycbcr=True, method="BayesShrink", mode="soft",
+                           rescale_sigma=True)
+
+
+def _tv(noisy: np.ndarray) -> np.ndarray:
+    from skimage.restoration import denoise_tv_chambolle
+
+    return denoise_tv_chambolle(noisy, weight=TV_WEIGHT_PER_SIGMA * estimate_noise_sigma(noisy), channel_axis=-1)
+
+
+def _bm3d(noisy: np.ndarray) -> np.ndarray:
+    import bm3d  # optional extra: free for non-commercial use only
+
+    return bm3d.bm3d_rgb(noisy, sigma_psd=estimate_noise_sigma(noisy), profile="np", colorspace="opp")
+
+
+CLASSIC_METHODS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "noisy": _noisy, "nl_means": _nl_means, "wavelet": _wavelet, "tv": _tv, "bm3d": _bm3d,
+}
+OPTIONAL_PACKAGES = {"bm3d": "bm3d"}  # method -> module it needs
+DEFAULT_METHODS = ("noisy", "nl_means", "wavelet", "tv", "bm3d", "direct", "origin", "improved")
+DEFAULT_STEPS = (1, 2, 5, 10)
+TILE, OVERLAP = 512, 32
+TASK_CPUS, ACTOR_CPUS, READ_CPUS = 0.5, 0.5, 0.25  # fractional: a 2-core cluster keeps room for reads
+PREVIEW_PAIRS, PREVIEW_SIZE = 2, 128
+
+RESULT_SCHEMA = pa.schema([
+    ("key", pa.string()), ("method", pa.string()), ("sampler", pa.string()), ("steps", pa.int32()),
+    ("psnr", pa.float64()), ("ssim", pa.float64()), ("seconds", pa.float64()), ("megapixels", pa.float64()),
+    ("sec_per_mp", pa.float64()), ("status", pa.string()), ("reason", pa.string()),
+])
+ROW_SCHEMA = RESULT_SCHEMA.append(pa.field("preview", pa.binary()))  # what workers return
+
+
+class EvaluationError(PipelineError):
+    """Arguments or data that an evaluation cannot run on."""
+
+
+class EvalConfig(BaseModel):
+    """What to evaluate, validated once before any work starts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str
+    model: str = DEFAULT_MODEL_URI
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    split: str = "val"
+    limit: int | None = Field(3, ge=1, description="first N pairs by key; None for the whole split")
+    crop: int | None = Field(256, ge=8, description="centre crop side; None for full images")
+    report: str = "reports/eval"
+    experiment: str = "evaluation"
+    local: bool = False
+    actors: int = Field(2, ge=1, description="model actors on Ray")
+    gpu: bool = False
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        known = (*CLASSIC_METHODS, *SAMPLERS)
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        if not methods:
+            raise ValueError("no methods given")
+        return tuple(dict.fromkeys(methods))
+
+    @field_validator("steps")
+    @classmethod
+    def _positive_steps(cls, steps: tuple[int, ...]) -> tuple[int, ...]:
+        if not steps or min(steps) < 1:
+            raise ValueError(f"steps must be positive integers, got {list(steps)}")
+        return tuple(sorted(set(steps)))
+
+    @classmethod
+    def of(cls, **values) -> "EvalConfig":
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise EvaluationError(f"{'.'.join(map(str, first['loc']))}: {first['msg'].removeprefix('Value error, ')}") \
+                from None
+
+    @property
+    def samplers(self) -> list[str]:
+        return [m for m in self.methods if m in SAMPLERS]
+
+
+# ---------------------------------------------------------------- one cell
+
+def denoise_with_model(denoiser: Denoiser, noisy: np.ndarray, *, sampler: str, steps: int) -> np.ndarray:
+    """The model on an H x W x 3 image of any size, in tiles, on the model's device."""
+    import torch
+
+    device = next(denoiser.model.parameters()).device
+    image = torch.from_numpy(np.ascontiguousarray(noisy.transpose(2, 0, 1))).float().to(device)
+
+    def fn(batch):
+        return sample(denoiser.model, batch, T=denoiser.T, steps=steps, sampler=sampler).clamp(0, 1)
+
+    return denoise_tiled(fn, image, tile=TILE, overlap=OVERLAP).cpu().numpy().transpose(1, 2, 0)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _preview(image: np.ndarray) -> bytes:
+    return encode_png(to_uint8(center_crop(np.clip(image, 0, 1), PREVIEW_SIZE)))
+
+
+def evaluate_item(item: dict, *, crop: int | None, sidd: bool, denoiser: Denoiser | None = None) -> dict:
+    """Score one (pair, method, K) cell; any failure becomes a ``failed`` row with its reason."""
+    method, steps = item["method"], item.get("steps")
+    row = {"key": item["key"], "method": method, "sampler": method if method in SAMPLERS else None,
+           "steps": steps, "psnr": None, "ssim": None, "seconds": None, "megapixels": None, "sec_per_mp": None,
+           "status": "failed", "reason": None, "preview": None}
+    try:
+        clean = center_crop(decode_png_float(item["clean"]), crop)
+        noisy = center_crop(decode_png_float(item["noisy"]), crop)
+        if clean.shape != noisy.shape:
+            raise ValueError(f"clean {clean.shape[1]}x{clean.shape[0]} and noisy {noisy.shape[1]}x{noisy.shape[0]} "
+                             f"differ in size")
+        start = time.perf_counter()
+        if method in SAMPLERS:
+            if denoiser is None:
+                raise RuntimeError("no model loaded for a model method")
+            output = denoise_with_model(denoiser, noisy, sampler=method, steps=steps)
+        else:
+            output = CLASSIC_METHODS[method](noisy)
+        seconds = time.perf_counter() - start
+        output = np.clip(output, 0.0, 1.0)
+        scores = sidd_protocol(clean, output) if sidd else {"psnr": psnr(clean, output), "ssim": ssim(clean, output)}
+        megapixels = clean.shape[0] * clean.shape[1] / 1e6
+        row.update(psnr=scores["psnr"], ssim=scores["ssim"], seconds=seconds, megapixels=megapixels,
+                   sec_per_mp=seconds / megapixels, status="ok",
+                   preview=_preview(output) if item.get("preview") else None)
+    except Exception as exc:  # noqa: BLE001 - one bad cell must not stop the evaluation
+        row["reason"] = _first_line(exc)
+    return row
+
+
+def method_steps(method: str, steps: Iterable[int]) -> list[int | None]:
+    """The K values a method is run at: none for classic methods, 1 for direct (K-independent)."""
+    return [None] if method not in SAMPLERS else [1] if method == "direct" else list(steps)
+
+
+def work_items(pair: dict, *, methods: Iterable[str], steps: Iterable[int], preview_keys: Iterable[str]) -> list[dict]:
+    """The cells of one pair: one per classic method, one per (sampler, K)."""
+    preview = pair["key"] in set(preview_keys)
+    cells = []
+    for method in methods:
+        for k in method_steps(method, steps):
+            cells.append({"key": pair["key"], "method": method, "steps": k, "clean": pair["clean"],
+                          "noisy": pair["noisy"], "preview": preview})
+    return cells
+
+
+def _evaluate_batch(batch: pa.Table, *, crop, sidd, denoiser=None) -> pa.Table:
+    rows = [evaluate_item(item, crop=crop, sidd=sidd, denoiser=denoiser) for item in batch.to_pylist()]
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+class _ModelWorker:
+    """Ray Data actor: holds the model (sent once, as the driver loaded it) and scores cells."""
+
+    def __init__(self, denoiser: Denoiser, *, crop, sidd, gpu: bool):
+        import torch
+
+        if gpu and torch.cuda.is_available():
+            denoiser.model.to("cuda")
+        self.denoiser, self.crop, self.sidd = denoiser, crop, sidd
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return _evaluate_batch(batch, crop=self.crop, sidd=self.sidd, denoiser=self.denoiser)
+
+
+# ---------------------------------------------------------------- which pairs
+
+@dataclass(frozen=True)
+class PairSelection:
+    """The pairs an evaluation runs on: the first ``limit`` keys of one split, in key order."""
+
+    dataset: str
+    split: str
+    files: tuple[str, ...]
+    keys: tuple[str, ...]
+    total: int
+    pairs_hash: str  # of exactly the evaluated pairs
+    split_hash: str  # of the whole split
+
+    @property
+    def limited(self) -> bool:
+        return len(self.keys) < self.total
+
+
+def _null_count(parquet: pq.ParquetFile, column: str) -> int:
+    """Nulls in one column from the row-group statistics; the column is read only if they are missing."""
+    meta = parquet.metadata
+    index = parquet.schema_arrow.get_field_index(column)
+    stats = [meta.row_group(g).column(index).statistics for g in range(meta.num_row_groups)]
+    if all(s is not None and s.has_null_count for s in stats):
+        return sum(s.null_count for s in stats)
+    return parquet.read(columns=[column]).column(column).null_count
+
+
+def select_pairs(dataset: str, settings: Settings, *, split: str = "val", limit: int | None = None) -> PairSelection:
+    """Check the split holds real pairs (from Parquet metadata, no image read) and pick the keys."""
+    files = split_files(dataset, split, settings)
+    fs, _ = arrow_fs_for(dataset, settings)
+    hashes: dict[str, str] = {}
+    for path in files:
+        with fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            names = parquet.schema_arrow.names
+            missing = [c for c in ("key", "clean", "noisy") if c not in names]
+            if missing:
+                raise DatasetError(f"{dataset} split '{split}' has no {'/'.join(missing)} column ({path}); "
+                                   f"evaluation needs (clean, noisy) pairs")
+            for side in ("clean", "noisy"):
+                nulls = _null_count(parquet, side)
+                if nulls:
+                    raise DatasetError(f"{nulls} row(s) of {path} have no {side} image; evaluation needs (clean, noisy) "
+                                       f"pairs, so ingest real pairs or let ingest synthesize the noisy side")
+            table = parquet.read(columns=[c for c in ("key", "pair_hash") if c in names])
+        keys = table.column("key").to_pylist()
+        pair_hashes = table.column("pair_hash").to_pylist() if "pair_hash" in names else [""] * len(keys)
+        hashes.update(zip(keys, (h or "" for h in pair_hashes)))
+    if not hashes:
+        raise DatasetError(f"{dataset} split '{split}' has no pairs")
+    keys = sorted(hashes)[:limit]
+    return PairSelection(dataset=dataset, split=split, files=tuple(files), keys=tuple(keys), total=len(hashes),
+                         pairs_hash=dataset_hash({k: hashes[k] for k in keys}), split_hash=dataset_hash(hashes))
+
+
+def read_selected_pairs(selection: PairSelection, settings: Settings, keys: Iterable[str] | None = None) -> Iterator[dict]:
+    """Encoded rows {key, clean, noisy} of the selected pairs, in this process."""
+    wanted = list(selection.keys if keys is None else keys)
+    fs, _ = arrow_fs_for(selection.dataset, settings)
+    for path in selection.files:
+        table = pq.read_table(path, filesystem=fs, columns=["key", "clean", "noisy"],
+                              filters=[("key", "in", wanted)])
+        yield from table.to_pylist()
+
+
+# ---------------------------------------------------------------- running the cells
+
+class Progress:
+    """``method: done/total`` lines at every tenth of a method and when it is done."""
+
+    def __init__(self, totals: dict[str, int], log: Callable[[str], None] = print):
+        self.totals, self.done, self.failed, self.log = totals, dict.fromkeys(totals, 0), dict.fromkeys(totals, 0), log
+        self.start = time.monotonic()
+
+    def update(self, row: dict) -> None:
+        method = row["method"]
+        self.done[method] += 1
+        self.failed[method] += row["status"] != "ok"
+        done, total = self.done[method], self.totals[method]
+        if done == total or done * 10 // total != (done - 1) * 10 // total:
+            failed = f", {self.failed[method]} failed" if self.failed[method] else ""
+            self.log(f"  {method}: {done}/{total} cells{failed} ({time.monotonic() - self.start:.0f}s)")
+
+
+def _run_local(selection, settings, *, config, steps, preview_keys, sidd, denoiser) -> Iterator[dict]:
+    for pair in read_selected_pairs(selection, settings):
+        for item in work_items(pair, methods=config.methods, steps=steps, preview_keys=preview_keys):
+            yield evaluate_item(item, crop=config.crop, sidd=sidd, denoiser=denoiser)
+
+
+def _run_on_ray(selection, settings, *, config, steps, preview_keys, sidd, denoiser) -> Iterator[dict]:
+    """Classic cells as tasks, then model cells in an actor pool; results stream back as they finish."""
+    import ray.data
+
+    fs, _ = arrow_fs_for(selection.dataset, settings)
+    keys = set(selection.keys)
+
+    def cells(methods):
+        pairs = ray.data.read_parquet(list(selection.files), filesystem=fs, columns=["key", "clean", "noisy"],
+                                      num_cpus=READ_CPUS)
+        if selection.limited:
+            pairs = pairs.filter(lambda row: row["key"] in keys, num_cpus=READ_CPUS)
+        # one cell per block, so cells spread over workers and finish (and report) one by one
+        return pairs.flat_map(work_items, fn_kwargs={"methods": methods, "steps": steps, "preview_keys": preview_keys},
+                              num_cpus=READ_CPUS).repartition(target_num_rows_per_block=1)
+
+    scoring = {"crop": config.crop, "sidd": sidd}
+    stages = []
+    classic = [m for m in config.methods if m not in SAMPLERS]
+    if classic:
+        stages.append(cells(classic).map_batches(_evaluate_batch, batch_size=1, batch_format="pyarrow",
+                                                 fn_kwargs=scoring, num_cpus=TASK_CPUS))
+    if config.samplers:
+        stages.append(cells(config.samplers).map_batches(
+            _ModelWorker, batch_size=1, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=config.actors),
+            fn_constructor_kwargs={"denoiser": denoiser, "gpu": config.gpu, **scoring},
+            num_cpus=ACTOR_CPUS, num_gpus=1 if config.gpu else 0))
+    for stage in stages:  # one after the other: a union would hold results back until both end
+        for batch in stage.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield from batch.to_pylist()
+
+
+# ---------------------------------------------------------------- summary
+
+def summarize(rows: list[dict], methods: Iterable[str]) -> list[dict]:
+    """One row per (method, K): mean PSNR/SSIM and median seconds per megapixel over the ok cells."""
+    order = {m: i for i, m in enumerate(methods)}
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["method"], row["steps"]), []).append(row)
+    summary = []
+    for method, steps in sorted(groups, key=lambda g: (order[g[0]], g[1] or 0)):
+        ok = [r for r in groups[method, steps] if r["status"] == "ok"]
+        summary.append({"method": method, "steps": steps, "ok": len(ok), "failed": len(groups[method, steps]) - len(ok),
+                        "psnr": float(np.mean([r["psnr"] for r in ok])) if ok else math.nan,
+                        "ssim": float(np.mean([r["ssim"] for r in ok])) if ok else math.nan,
+                        "sec_per_mp": float(np.median([r["sec_per_mp"] for r in ok])) if ok else math.nan})
+    return summary
+
+
+def best_steps(summary: list[dict]) -> dict[str, dict]:
+    """Per sampler, the summary row with the highest mean PSNR."""
+    best: dict[str, dict] = {}
+    for row in summary:
+        if row["method"] in SAMPLERS and not math.isnan(row["psnr"]):
+            if row["method"] not in best or row["psnr"] > best[row["method"]]["psnr"]:
+                best[row["method"]] = row
+    return best
+
+
+def headline(summary: list[dict]) -> dict[str, dict]:
+    """One row per method: classic methods as they are, samplers at their best K."""
+    best = best_steps(summary)
+    out = {}
+    for row in summary:
+        if row["method"] in SAMPLERS:
+            out[row["method"]] = best.get(row["method"], row)
+        else:
+            out[row["method"]] = row
+    return out
+
+
+def _fmt(value: float, digits: int) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def summary_markdown(summary: list[dict], *, facts: dict, notes: list[str], failures: list[dict]) -> str:
+    lines = ["# Denoising evaluation", "", "| method | K | pairs ok | failed | PSNR (dB) | SSIM | s/MP (median) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in summary:
+        lines.append(f"| {row['method']} | {row['steps'] if row['steps'] is not None else '-'} | {row['ok']} | "
+                     f"{row['failed']} | {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 4)} | "
+                     f"{_fmt(row['sec_per_mp'], 3)} |")
+    best = best_steps(summary)
+    if best:
+        lines += ["", "## Best K per sampler", ""]
+        lines += [f"- {name}: K = {row['steps']} ({_fmt(row['psnr'], 2)} dB)" for name, row in best.items()]
+    lines += ["", "## Measured on", ""] + [f"- {name}: {value}" for name, value in facts.items()]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
+    if failures:
+        lines += ["", "## Failed cells", "", "| key | method | K | reason |", "|---|---|---|---|"]
+        for row in failures[:20]:
+            lines.append(f"| {row['key']} | {row['method']} | {row['steps'] if row['steps'] is not None else '-'} | "
+                         f"{row['reason']} |")
+        if len(failures) > 20:
+            lines.append(f"\n{len(failures) - 20} more in results.parquet")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- plots
+
+def _plain_log_axis(axis, ticks=None) -> None:
+    """Log scale with plain numbers (1, 2, 5, 10) instead of 2x10^0."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter() if ticks else FuncFormatter(lambda value, _: f"{value:g}"))
+    if ticks:
+        axis.set_ticks(ticks)
+
+
+def _plot_psnr_vs_steps(summary: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ticks = sorted({r["steps"] for r in summary if r["steps"] is not None})
+    for name in SAMPLERS:
+        rows = [r for r in summary if r["method"] == name and not math.isnan(r["psnr"])]
+        if name == "direct" and rows:
+            ax.axhline(rows[0]["psnr"], color="tab:green", linestyle="--", label="direct (K-independent)")
+        elif rows:
+            ax.plot([r["steps"] for r in rows], [r["psnr"] for r in rows], marker="o", label=name)
+    noisy = [r for r in summary if r["method"] == "noisy" and not math.isnan(r["psnr"])]
+    if noisy:
+        ax.axhline(noisy[0]["psnr"], color="gray", linestyle=":", label="noisy input")
+    ax.set_xscale("log")
+    _plain_log_axis(ax.xaxis, ticks)
+    ax.set_xlabel("sampling steps K")
+    ax.set_ylabel("mean PSNR (dB)")
+    ax.set_title("PSNR vs sampling steps")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_psnr_vs_speed(summary: list[dict], path: Path) -> None:
+    """One colour per method; the model's points are labelled with their K."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for index, method in enumerate(dict.fromkeys(r["method"] for r in summary)):
+        rows = [r for r in summary if r["method"] == method and not math.isnan(r["psnr"])]
+        if not rows:
+            continue
+        if method == "noisy":
+            ax.axhline(rows[0]["psnr"], color="gray", linestyle=":", label="noisy input")
+            continue
+        speeds = [max(r["sec_per_mp"], 1e-4) for r in rows]
+        ax.plot(speeds, [r["psnr"] for r in rows], marker="o", linestyle="-" if len(rows) > 1 else "",
+                color=f"C{index}", label=method)
+        for speed, row in zip(speeds, rows):
+            if row["method"] in SAMPLERS:
+                ax.annotate(f"K={row['steps']}", (speed, row["psnr"]), fontsize=7, xytext=(3, 3),
+                            textcoords="offset points")
+    ax.set_xscale("log")
+    _plain_log_axis(ax.xaxis)
+    ax.set_xlabel("seconds per megapixel (median)")
+    ax.set_ylabel("mean PSNR (dB)")
+    ax.set_title("Quality vs speed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_examples(pairs: list[dict], rows: list[dict], summary: list[dict], path: Path) -> None:
+    """Noisy input, each method's output (samplers at their best K) and the reference, per pair."""
+    import matplotlib.pyplot as plt
+
+    best = {name: row["steps"] for name, row in best_steps(summary).items()}
+    shown = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "noisy"]
+    fig, axes = plt.subplots(len(pairs), len(shown) + 2, figsize=(2 * (len(shown) + 2), 2.6 * len(pairs)),
+                             squeeze=False)
+    for axes_row, pair in zip(axes, pairs):
+        panels = [("noisy", pair["noisy"], None)]
+        for method in shown:
+            hit = next((r for r in rows if r["key"] == pair["key"] and r["method"] == method and r["preview"]
+                        and (method not in best or r["steps"] == best[method])), None)
+            title = method if method not in best else f"{method} K={best[method]}"
+            panels.append((title, decode_png_float(hit["preview"]) if hit else None, hit))
+        panels.append(("reference", pair["clean"], None))
+        for ax, (title, image, hit) in zip(axes_row, panels):
+            ax.axis("off")
+            if image is None:
+                ax.set_title(f"{title}\nfailed", fontsize=8)
+                continue
+            ax.imshow(image)
+            score = f"\n{hit['psnr']:.2f} dB" if hit else ""
+            ax.set_title(f"{title}{score}", fontsize=8)
+        axes_row[0].set_ylabel(pair["key"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the job
+
+def _publish(local_dir: Path, report: str, settings: Settings) -> None:
+    """Put the finished report in place: a local folder is swapped in whole; on S3 the
+    summary goes last, so a report with summary.md is complete."""
+    if is_s3(report):
+        fs, root = fsspec_for(report, settings)
+        names = sorted(p.name for p in local_dir.iterdir())
+        for name in sorted(names, key=lambda n: n == "summary.md"):
+            write_atomic(fs, join(root, name), (local_dir / name).read_bytes())
+        return
+    target = Path(report).expanduser().resolve()
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    if target.exists():
+        target.rename(old)
+    local_dir.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _staging_dir(report: str) -> Path:
+    """A fresh folder for the report, beside a local target so the final rename is atomic."""
+    if is_s3(report):
+        return Path(tempfile.mkdtemp(prefix="eval-report-"))
+    target = Path(report).expanduser().resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+
+def _log_to_mlflow(run_name: str, *, config: EvalConfig, settings: Settings, staging: Path, results: pa.Table,
+                   summary: list[dict], tags: dict, params: dict, denoiser: Denoiser | None) -> str:
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    mlflow.set_experiment(config.experiment)
+    metrics = {}
+    for method, row in headline(summary).items():
+        if not math.isnan(row["psnr"]):
+            metrics.update({f"eval_psnr_{method}": row["psnr"], f"eval_ssim_{method}": row["ssim"],
+                            f"eval_sec_per_mp_{method}": row["sec_per_mp"]})
+    for row in summary:
+        if row["method"] in SAMPLERS and not math.isnan(row["psnr"]):
+            metrics[f"eval_psnr_{row['method']}_k{row['steps']}"] = row["psnr"]
+    for name, row in best_steps(summary).items():
+        metrics[f"eval_best_k_{name}"] = row["steps"]
+    metrics["eval_failed_cells"] = sum(row["failed"] for row in summary)
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        mlflow.log_table(results.to_pandas(), artifact_file="results.json")
+        mlflow.log_artifacts(str(staging))
+    if denoiser is not None and denoiser.name and denoiser.version:
+        client = mlflow.MlflowClient(settings.mlflow_uri)
+        client.set_model_version_tag(denoiser.name, denoiser.version, "eval_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], None] = print) -> dict:
+    """Run the whole evaluation; returns {"report", "run_id", "summary", "results"}."""
+    card = read_card(config.dataset, settings)
+    selection = select_pairs(config.dataset, settings, split=config.split, limit=config.limit)
+    sidd = card.get("layout") == "sidd-mat"
+    notes = []
+    methods = list(config.methods)
+    for method, module in OPTIONAL_PACKAGES.items():
+        if method in methods and importlib.util.find_spec(module) is None:
+            methods.remove(method)
+            notes.append(f"{method} skipped: the optional package `{module}` is not installed "
+                         f"(`pip install -e '.[{module}]'`; free for non-commercial use only)")
+    if not methods:
+        raise EvaluationError("nothing to evaluate: " + "; ".join(notes))
+    config = config.model_copy(update={"methods": tuple(methods)})
+
+    denoiser, steps = None, list(config.steps)
+    if config.samplers:
+        denoiser = load_denoiser(config.model, settings)
+        steps = sorted({min(k, denoiser.T) for k in config.steps})
+        if steps != list(config.steps):
+            notes.append(f"K clipped to the model's T = {denoiser.T}: {list(config.steps)} -> {steps}")
+    for note in notes:
+        log(f"note: {note}")
+
+    preview_keys = list(selection.keys[:PREVIEW_PAIRS])
+    totals = {m: len(selection.keys) * len(method_steps(m, steps)) for m in config.methods}
+    if not config.local:  # only now: bad data or a bad model URI fail before any cluster work
+        init_ray(settings)
+    where = "in this process" if config.local else "on Ray"
+    log(f"evaluating {len(selection.keys)} of {selection.total} pairs of {config.dataset} ({config.split}), "
+        f"{sum(totals.values())} cells, {where}; protocol: {'SIDD 256x256 blocks' if sidd else 'whole image'}")
+    run = _run_local if config.local else _run_on_ray
+    progress, rows = Progress(totals, log), []
+    for row in run(selection, settings, config=config, steps=steps, preview_keys=preview_keys, sidd=sidd,
+                   denoiser=denoiser):
+        progress.update(row)
+        rows.append(row)
+    order = {m: i for i, m in enumerate(config.methods)}
+    rows.sort(key=lambda r: (r["key"], order[r["method"]], r["steps"] or 0))
+    results = pa.Table.from_pylist(rows, schema=ROW_SCHEMA).drop_columns(["preview"])
+    summary = summarize(rows, config.methods)
+    failures = [r for r in rows if r["status"] != "ok"]
+
+    facts = {
+        "dataset": f"{config.dataset} (split `{config.split}`, layout `{card.get('layout', 'unknown')}`)",
+        "pairs": f"{len(selection.keys)} of {selection.total} (first by key)",
+        "crop": f"centre {config.crop}x{config.crop}" if config.crop else "none (full images)",
+        "noise": ("synthetic camera noise made at ingest" if card.get("layout") == "clean"
+                  else f"as ingested (source: {card.get('source', 'unknown')})"),
+        "protocol": "SIDD: mean over 256x256 blocks" if sidd else "PSNR/SSIM on the whole image (data range 1)",
+        "dataset hash": card.get("dataset_hash", selection.split_hash),
+        "evaluated pairs hash": selection.pairs_hash,
+        "model": (f"{config.model} (name {denoiser.name}, version {denoiser.version}, T = {denoiser.T})"
+                  if denoiser else "not used"),
+        "timing": ("this process" if config.local else f"Ray workers ({TASK_CPUS} CPU per task, {ACTOR_CPUS} CPU per "
+                   f"model actor{', GPU' if config.gpu else ''})") + "; compare speeds within one report only",
+    }
+    tags = {"dataset_uri": config.dataset, "dataset_hash": str(facts["dataset hash"]),
+            "eval_pairs_hash": selection.pairs_hash, "split": config.split}
+    if denoiser:
+        tags.update({"model_uri": config.model, "model_name": denoiser.name or "", "model_version": denoiser.version or ""})
+    params = {"dataset": config.dataset, "split": config.split, "pairs": len(selection.keys), "crop": config.crop,
+              "methods": ",".join(config.methods), "steps": ",".join(map(str, steps)), "model": config.model,
+              "protocol": "sidd" if sidd else "whole", "local": config.local}
+    run_name = f"eval-{Path(config.dataset.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    staging = _staging_dir(config.report)
+    try:
+        buffer = io.BytesIO()
+        pq.write_table(results, buffer)
+        (staging / "results.parquet").write_bytes(buffer.getvalue())
+        if config.samplers:
+            _plot_psnr_vs_steps(summary, staging / "psnr_vs_steps.png")
+        _plot_psnr_vs_speed(summary, staging / "psnr_vs_speed.png")
+        previews = [{"key": p["key"], "clean": center_crop(center_crop(decode_png_float(p["clean"]), config.crop),
+                                                             PREVIEW_SIZE),
+                     "noisy": center_crop(center_crop(decode_png_float(p["noisy"]), config.crop), PREVIEW_SIZE)}
+                    for p in sorted(read_selected_pairs(selection, settings, preview_keys), key=lambda p: p["key"])]
+        _plot_examples(previews, rows, summary, staging / "examples.png")
+        (staging / "summary.md").write_text(summary_markdown(summary, facts=facts, notes=notes, failures=failures))
+        run_id = _log_to_mlflow(run_name, config=config, settings=settings, staging=staging, results=results,
+                                summary=summary, tags=tags, params=params, denoiser=denoiser)
+        with open(staging / "summary.md", "a") as handle:
+            handle.write(f"\nMLflow run: {settings.mlflow_uri}/#/experiments/"
+                         f"{_experiment_id(config.experiment, settings)}/runs/{run_id}\n")
+        _publish(staging, config.report, settings)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    log(f"report: {config.report} ({len(rows)} cells, {len(failures)} failed); MLflow run {run_id}")
+    return {"report": config.report, "run_id": run_id, "summary": summary, "results": results}
+
+
+def _experiment_id(name: str, settings: Settings) -> str:
+    import mlflow
+
+    return mlflow.MlflowClient(settings.mlflow_uri).get_experiment_by_name(name).experiment_id
