@@ -1,0 +1,141 @@
+"""The training config: schema, overrides, one-line errors before any cluster work; the loop's math."""
+
+import copy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ConfigError, apply_overrides, load_config, parse_override
+from pipeline.model import UNet
+from pipeline.train import evaluate, lr_factor, rng_state, set_rng_state, update_ema
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "dataset: s3://denoise/datasets/x\ntrain: {steps: 10}\n"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "sidd.yaml"])
+def test_shipped_configs_validate(name):
+    config = load_config(ROOT / "configs" / name)
+    assert config.train.steps and config.checkpoint.every_steps % config.validation.every_steps == 0
+    if name == "sidd.yaml":
+        assert config.scaling.use_gpu and config.scaling.torch_backend == "nccl" and config.model.preset == "base"
+    else:
+        assert config.scaling.torch_backend == "gloo" and config.model.preset == "tiny"
+
+
+def test_overrides_are_dotted_yaml_scalars(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), ["optimizer.lr=3e-4", "scaling.num_workers=2",
+                                                    "train.bf16=false", "model.width=8", "validation.limit=null",
+                                                    "scaling.resources_per_worker={CPU: 0.5}"])
+    assert config.optimizer.lr == pytest.approx(3e-4)
+    assert config.scaling.num_workers == 2 and config.train.bf16 is False and config.validation.limit is None
+    assert config.model.unet_config().width == 8 and config.scaling.resources_per_worker == {"CPU": 0.5}
+    assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
+    tree = {"a": {"b": 1}}
+    assert apply_overrides(tree, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}} and tree == {"a": {"b": 1}}
+    flat = config.flat()
+    assert flat["optimizer.lr"] == pytest.approx(3e-4) and flat["scaling.resources_per_worker"] == {"CPU": 0.5}
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    (MINIMAL + "optimiser: {lr: 1}\n", [], r"optimiser: unknown key"),
+    (MINIMAL, ["optimizer.lrate=1"], r"optimizer.lrate: unknown key"),
+    (MINIMAL, ["optimizer.lr=fast"], r"optimizer.lr: Input should be a valid number.*'fast'"),
+    (MINIMAL, ["scaling.num_workers=0"], r"scaling.num_workers: .*greater than or equal to 1"),
+    (MINIMAL, ["model.preset=huge"], r"model.preset: .*'tiny' or 'base'"),
+    (MINIMAL, ["validation.sampler=ddim"], r"validation.sampler"),
+    (MINIMAL, ["train.epochs=2"], r"exactly one of train.steps and train.epochs"),
+    (MINIMAL, ["checkpoint.every_steps=150"], r"multiple of validation.every_steps"),
+    (MINIMAL, ["scaling.backend=nccl"], r"nccl needs scaling.use_gpu"),
+    (MINIMAL, ["train.steps.x=1"], r"train.steps is a value, not a section"),
+    (MINIMAL, ["novalue"], r"expected KEY=VALUE"),
+    (MINIMAL, ["run_name=has space"], r"run_name: String should match pattern"),
+    ("train: {steps: 10}\n", [], r"dataset: required"),
+    ("- a\n- b\n", [], r"must hold a mapping"),
+    ("a: [\n", [], r"not valid YAML"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path, text, overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(write(tmp_path, text), overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_job_reports_config_errors_before_any_cluster_work(tmp_path):
+    """Unreachable Ray, S3 and MLflow: a config error must still be the (fast) answer."""
+    env = {"RAY_ADDRESS": "127.0.0.1:1", "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+           "DENOISE_S3_ENDPOINT": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
+    config = write(tmp_path, MINIMAL)
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--config", str(config),
+                           "--set", "optimizer.warmup=5", "--set", "train.batch_size=big"],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: invalid config"), proc.stderr
+    assert "optimizer.warmup: unknown key" in lines[0] and "train.batch_size: Input should be" in lines[0]
+    assert time.monotonic() - started < 60
+    help_text = subprocess.run([sys.executable, str(ROOT / "jobs" / "train.py"), "--help"], capture_output=True,
+                               text=True, cwd=ROOT, timeout=120).stdout
+    assert "--set KEY=VALUE" in help_text and "--promote" in help_text and "ray job submit" in help_text
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(s, warmup=10, total=110, min_ratio=0.1) for s in range(111)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[110] == pytest.approx(0.1) and lr_factor(500, warmup=10, total=110, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_ema_tracks_the_weights_early_and_averages_late():
+    torch.manual_seed(0)
+    model = UNet(width=8, channel_mults=(1, 2))
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    update_ema(ema, model, decay=0.999, step=0)  # warm-up decay 1/10: mostly the new weights
+    gap = [(m - e).abs().max().item() for m, e in zip(model.parameters(), ema.parameters())]
+    assert max(gap) == pytest.approx(0.1, abs=1e-5)
+    update_ema(ema, model, decay=0.5, step=10_000)
+    gap = [(m - e).abs().max().item() for m, e in zip(model.parameters(), ema.parameters())]
+    assert max(gap) == pytest.approx(0.05, abs=1e-5)
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    first = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    set_rng_state(state)
+    again = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    assert torch.equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+
+
+def test_evaluate_scores_noisy_input_and_both_samplers():
+    rng = np.random.default_rng(0)
+    clean = rng.random((24, 20, 3), dtype=np.float32)
+    noisy = np.clip(clean + rng.normal(0, 0.1, clean.shape), 0, 1).astype(np.float32)
+    identity = UNet(width=8, channel_mults=(1, 2))  # zero-initialised output conv: returns its input
+    scores, strip = evaluate(identity, [{"key": "a", "clean": clean, "noisy": noisy}], T=100, sampler="improved",
+                             steps=4)
+    assert set(scores) == {f"val_{m}{s}" for m in ("psnr", "ssim") for s in ("", "_direct", "_noisy")}
+    assert scores["val_psnr"] == pytest.approx(scores["val_psnr_noisy"], abs=1e-4)
+    assert scores["val_psnr_direct"] == pytest.approx(scores["val_psnr_noisy"], abs=1e-4)
+    assert strip.shape == (24, 80, 3) and strip.dtype == np.uint8
