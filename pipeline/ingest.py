@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.metadata
 import json
-import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
@@ -35,6 +32,7 @@ from pipeline.pairs import LAYOUTS, Pair, Rejected, dataset_hash, discover, load
 from pipeline.settings import Settings
 from pipeline.shards import CARD, QUARANTINE, SPLITS, write_json, write_shard
 from pipeline.storage import check_storage, fsspec_for, is_s3, join, strip_scheme
+from pipeline.version import code_version
 
 DEMO_SOURCE = "demo:"
 # The photos bundled with scikit-image (no download): the demo set plus four textures.
@@ -215,24 +213,6 @@ def plan_shards(pairs: list[Pair], config: IngestConfig) -> list[ShardPlan]:
     return plans
 
 
-def code_version() -> dict:
-    """Package version and, when the code runs from a git checkout, its commit."""
-    try:
-        version = importlib.metadata.version("denoise-pipeline")
-    except importlib.metadata.PackageNotFoundError:
-        version = None
-    commit = None
-    root = Path(__file__).resolve().parents[1]
-    if (root / ".git").exists():
-        try:
-            out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                 timeout=10)
-            commit = out.stdout.strip() or None if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
-    return {"package": "denoise-pipeline", "version": version, "git_commit": commit}
-
-
 def _has_card(config: IngestConfig, settings: Settings) -> bool:
     fs, root = fsspec_for(config.dest, settings)
     return fs.exists(join(root, CARD))
@@ -245,7 +225,8 @@ def _check_dest(config: IngestConfig, settings: Settings) -> None:
     if fs.exists(join(root, CARD)):
         raise IngestError(f"{config.dest} already holds a dataset ({CARD}); pass --overwrite to replace it")
     for split in SPLITS:
-        if fs.exists(join(root, split)) and fs.find(join(root, split)):
+        # Only Parquet files count: SeaweedFS can keep an empty folder marker after a removal.
+        if fs.exists(join(root, split)) and any(p.endswith(".parquet") for p in fs.find(join(root, split))):
             raise IngestError(f"{config.dest}/{split} holds files of an unfinished ingest (no {CARD}); "
                               f"pass --overwrite to replace them")
 
@@ -335,7 +316,7 @@ def _card(config: IngestConfig, results: list[dict], source_pairs: int, rejected
         "files": files,
         "pair_hashes": dict(sorted(hashes.items())),
         "dataset_hash": dataset_hash(hashes),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "code_version": code_version(),
     }
 
