@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 STACK  := $(PY) infra/local/stack.py
 
-.PHONY: install up down status demo test test-fast smoke bench clean-local
+.PHONY: install up down status demo evaluate test test-fast smoke clean-local
 
 # Re-installs only when pyproject.toml changed since the last install.
 $(STAMP): pyproject.toml
@@ -29,7 +29,12 @@ smoke: up
 	. .local/stack.env && $(PY) jobs/smoke.py
 
 demo: up
-	. .local/stack.env && $(PY) jobs/smoke.py
+	infra/local/demo.sh
+
+# Re-evaluate the latest trained model (after `make demo`).
+evaluate: up
+	. .local/stack.env && $(PY) jobs/evaluate.py s3://$${DENOISE_BUCKET}/datasets/demo \
+		--model models:/denoiser@candidate --report reports/demo
 
 test: install
 	$(PY) -m pytest
