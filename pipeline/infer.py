@@ -414,8 +414,11 @@ def merge_state(config: DenoiseConfig, settings: Settings, *, run_id: str):
     manifest = pd.DataFrame(done, columns=MANIFEST_COLUMNS)
     manifest = manifest.sort_values("finished_at").drop_duplicates("key", keep="last").sort_values("key")
     done_pairs = set(zip(manifest["key"], manifest["checksum"]))
+    # Failures that are retried every run (no checksum, or transient) count only from this
+    # run; a deterministic failure of the same bytes stays listed until the input changes.
     errors = [e for e in _read_markers(fs, join(root, STATE, "errors", config.partition))
-              if (e["key"], e["checksum"]) not in done_pairs and (e["checksum"] or e["run_id"] == run_id)]
+              if (e["key"], e["checksum"]) not in done_pairs
+              and (e["run_id"] == run_id or (e["checksum"] and not e["retry"]))]
     errors = pd.DataFrame(errors, columns=ERROR_COLUMNS)
     errors = errors.sort_values("finished_at").drop_duplicates(["key", "checksum"], keep="last").sort_values("key")
     _, out_root = fsspec_for(config.out_root, settings)

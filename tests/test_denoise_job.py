@@ -1,0 +1,193 @@
+"""jobs/denoise.py end to end on the local stack (SeaweedFS, MLflow, Ray): outputs, bad inputs,
+a driver killed mid-run and rerun (which skips what was done), and clear failures before any
+cluster work. Skipping rules in detail are tested on the stage functions in test_infer.py."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.conftest import ROOT, run_job
+from pipeline.archives import build_demo_inputs
+from pipeline.checkpoint import checkpoint_files
+from pipeline.images import decode_image, encode_png
+from pipeline.model import build_model
+from pipeline.storage import fsspec_for, join, strip_scheme, write_atomic
+
+pytestmark = pytest.mark.stack
+
+# Fractional resources: the stack's Ray has 2 CPUs, shared with whatever else runs.
+SMALL = ["--cpus-per-worker", "0.5", "--cpus-per-task", "0.25", "--task-memory-mb", "512"]
+EXPERIMENT = "tests-denoise"
+
+
+def put(settings, uri: str, data: bytes) -> None:
+    fs, path = fsspec_for(uri, settings)
+    write_atomic(fs, path, data)
+
+
+def images_under(settings, uri: str) -> list[str]:
+    fs, root = fsspec_for(uri, settings)
+    return sorted(p[len(root) + 1:] for p in fs.find(root) if not p.rsplit("/", 1)[-1].startswith("."))
+
+
+def read_table(settings, uri: str) -> pd.DataFrame:
+    fs, path = fsspec_for(uri, settings)
+    with fs.open(path, "rb") as f:
+        return pd.read_parquet(f)
+
+
+def summary_counts(stdout: str) -> tuple[int, int, int]:
+    found = re.search(r"summary: (\d+) done, (\d+) skipped, (\d+) failed", stdout)
+    assert found, stdout
+    return tuple(int(g) for g in found.groups())
+
+
+def noisy_photo(side: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def registered_model(settings):
+    """A tiny denoiser registered as ``<name>@champion`` (untrained: the head is zero, so it is the identity)."""
+    import mlflow
+
+    from pipeline.modelstore import log_denoiser
+
+    name = f"denoise-job-test-{uuid.uuid4().hex[:8]}"
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    mlflow.set_experiment(EXPERIMENT)
+    with mlflow.start_run(run_name="register-test-model"):
+        info = log_denoiser(build_model("tiny"), T=20, registered_name=name)
+    mlflow.MlflowClient(settings.mlflow_uri).set_registered_model_alias(name, "champion",
+                                                                        info.registered_model_version)
+    return name, str(info.registered_model_version)
+
+
+def test_nightly_run_writes_outputs_metrics_and_reports_every_bad_input(settings, s3_prefix, registered_model):
+    import mlflow
+
+    name, version = registered_model
+    demo = build_demo_inputs(join(s3_prefix, "demo"), settings, size=64)
+    source, output = demo["input"], join(s3_prefix, "out")
+    put(settings, join(source, "corrupt.png"), b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    put(settings, join(source, "zero.png"), b"")
+    put(settings, join(source, "notes.txt"), b"not an image")
+    put(settings, join(source, "huge.png"), encode_png(noisy_photo(200, 1)))
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for member, data in (("ok/fine.png", encode_png(noisy_photo(40, 2))), ("../evil.png", b"x" * 10)):
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    put(settings, join(source, "evil.tar"), buffer.getvalue())
+    args = [source, output, "--model", f"models:/{name}@champion", "--reference", demo["reference"],
+            "--steps", "2", "--tile", "48", "--date", "2024-05-01", "--experiment", EXPERIMENT,
+            "--max-megapixels", "0.03", *SMALL]
+
+    first = run_job("denoise.py", *args, timeout=400)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert summary_counts(first.stdout) == (6, 0, 5)
+
+    day = join(output, "2024-05-01")
+    good = sorted(demo["keys"] + ["evil.tar/ok/fine.png"])
+    assert images_under(settings, join(day, "images")) == good
+    manifest = read_table(settings, join(day, "manifest.parquet"))
+    assert list(manifest["key"]) == good and (manifest["status"] == "done").all()
+    assert (manifest["model_uri"] == f"models:/{name}/{version}").all() and (manifest["model_version"] == version).all()
+    with_ref = manifest[manifest["key"] != "evil.tar/ok/fine.png"]
+    assert with_ref["psnr_in"].notna().all() and with_ref["ssim_out"].notna().all()
+    # The untrained model is the identity, so the output scores are the input's.
+    assert np.allclose(with_ref["psnr_out"], with_ref["psnr_in"], atol=0.05)
+    fine = manifest.set_index("key").loc["evil.tar/ok/fine.png"]
+    assert pd.isna(fine["psnr_in"]) and fine["note"] == "no reference" and fine["sigma_in"] > 0
+    fs, _ = fsspec_for(day, settings)
+    out_png = decode_image(fs.cat_file(strip_scheme(join(day, "images", demo["keys"][0]))))
+    assert out_png.shape[2] == 3 and out_png.dtype == np.uint8 and max(out_png.shape[:2]) == 64
+
+    errors = read_table(settings, join(day, "errors.parquet")).set_index("key")["reason"].to_dict()
+    assert set(errors) == {"corrupt.png", "zero.png", "notes.txt", "huge.png", "evil.tar/../evil.png"}
+    assert errors["zero.png"] == "zero-byte file" and "too large" in errors["huge.png"]
+    assert "unsafe member path" in errors["evil.tar/../evil.png"] and "not an image" in errors["notes.txt"]
+    everything = images_under(settings, s3_prefix)
+    assert not [p for p in everything if p.endswith("evil.png")], "an unsafe member was written"
+
+    client = mlflow.MlflowClient(settings.mlflow_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    [run] = client.search_runs([experiment.experiment_id], f"tags.output = '{day}'")
+    assert run.info.run_name == "batch-denoise-2024-05-01"
+    assert run.data.tags["model_version"] == version and run.data.tags["model_name"] == name
+    assert run.data.metrics["items_done"] == 6 and run.data.metrics["items_failed"] == 5
+    assert "mean_psnr_gain" in run.data.metrics and "mean_sigma_reduction" in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"manifest.json", "errors.json", "samples"} <= artifacts
+
+
+def test_driver_killed_mid_run_then_rerun_processes_each_item_exactly_once(settings, s3_prefix):
+    checkpoint = join(s3_prefix, "checkpoint")
+    for file_name, data in checkpoint_files(build_model("tiny"), T=50).items():
+        put(settings, join(checkpoint, file_name), data)
+    source, output = join(s3_prefix, "in"), join(s3_prefix, "out")
+    count = 10
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for i in range(count):
+            data = encode_png(noisy_photo(64, 10 + i))
+            info = tarfile.TarInfo(f"frames/{i:02d}.png")
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    put(settings, join(source, "night.tar.gz"), buffer.getvalue())
+    args = [source, output, "--model", checkpoint, "--steps", "10", "--experiment", EXPERIMENT, *SMALL]
+    done_markers = join(output, "_state", "done")
+
+    driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "denoise.py"), *args], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and driver.poll() is None:
+            fs, _ = fsspec_for(done_markers, settings)
+            if fs.exists(strip_scheme(done_markers)) and images_under(settings, done_markers):
+                break
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before it could be interrupted"
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    time.sleep(5)  # let Ray reap the dead driver's tasks and actors
+    before = images_under(settings, done_markers)
+    assert 0 < len(before) < count
+
+    rerun = run_job("denoise.py", *args, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    done, skipped, failed = summary_counts(rerun.stdout)
+    assert (done, skipped, failed) == (count - len(before), len(before), 0)
+    keys = [f"night.tar.gz/frames/{i:02d}.png" for i in range(count)]
+    manifest = read_table(settings, join(output, "manifest.parquet"))
+    assert sorted(manifest["key"]) == keys and manifest["key"].is_unique
+    assert manifest["run_id"].nunique() == 2  # rows from the killed run are kept, not redone
+    assert len(images_under(settings, done_markers)) == count
+    assert images_under(settings, join(output, "images")) == keys
+
+
+def test_unknown_model_and_empty_input_fail_fast_with_a_clear_message(settings, s3_prefix):
+    put(settings, join(s3_prefix, "in", "a.png"), encode_png(noisy_photo(16, 0)))
+    missing = "models:/no-such-denoiser-for-tests@champion"
+    result = run_job("denoise.py", join(s3_prefix, "in"), join(s3_prefix, "out"), "--model", missing, timeout=120)
+    assert result.returncode == 2 and missing in result.stderr and "Traceback" not in result.stderr
+
+    empty = run_job("denoise.py", join(s3_prefix, "nothing-here"), join(s3_prefix, "out"), timeout=120)
+    assert empty.returncode == 2 and "does not exist" in empty.stderr and "nothing-here" in empty.stderr
+
+    usage = run_job("denoise.py", "--help", timeout=60)
+    assert usage.returncode == 0 and "--gpus-per-worker" in usage.stdout and "Exit status" in usage.stdout
