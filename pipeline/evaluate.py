@@ -227,15 +227,21 @@ def _evaluate_batch(batch: pa.Table, *, crop, sidd, denoiser=None) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
+def _place(denoiser: Denoiser, gpu: bool) -> Denoiser:
+    import torch
+
+    if gpu:
+        if not torch.cuda.is_available():
+            raise EvaluationError("--gpu was given but torch sees no CUDA device here")
+        denoiser.model.to("cuda")
+    return denoiser
+
+
 class _ModelWorker:
     """Ray Data actor: holds the model (sent once, as the driver loaded it) and scores cells."""
 
     def __init__(self, denoiser: Denoiser, *, crop, sidd, gpu: bool):
-        import torch
-
-        if gpu and torch.cuda.is_available():
-            denoiser.model.to("cuda")
-        self.denoiser, self.crop, self.sidd = denoiser, crop, sidd
+        self.denoiser, self.crop, self.sidd = _place(denoiser, gpu), crop, sidd
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return _evaluate_batch(batch, crop=self.crop, sidd=self.sidd, denoiser=self.denoiser)
@@ -329,6 +335,8 @@ class Progress:
 
 
 def _run_local(selection, settings, *, config, steps, preview_keys, sidd, denoiser) -> Iterator[dict]:
+    if denoiser is not None:
+        _place(denoiser, config.gpu)
     for pair in read_selected_pairs(selection, settings):
         for item in work_items(pair, methods=config.methods, steps=steps, preview_keys=preview_keys):
             yield evaluate_item(item, crop=config.crop, sidd=sidd, denoiser=denoiser)
@@ -336,6 +344,7 @@ def _run_local(selection, settings, *, config, steps, preview_keys, sidd, denois
 
 def _run_on_ray(selection, settings, *, config, steps, preview_keys, sidd, denoiser) -> Iterator[dict]:
     """Classic cells as tasks, then model cells in an actor pool; results stream back as they finish."""
+    import ray
     import ray.data
 
     fs, _ = arrow_fs_for(selection.dataset, settings)
@@ -350,6 +359,8 @@ def _run_on_ray(selection, settings, *, config, steps, preview_keys, sidd, denoi
         return pairs.flat_map(work_items, fn_kwargs={"methods": methods, "steps": steps, "preview_keys": preview_keys},
                               num_cpus=READ_CPUS).repartition(target_num_rows_per_block=1)
 
+    if config.gpu and config.samplers and not ray.cluster_resources().get("GPU"):
+        raise EvaluationError("--gpu was given but the Ray cluster has no GPUs")
     scoring = {"crop": config.crop, "sidd": sidd}
     stages = []
     classic = [m for m in config.methods if m not in SAMPLERS]
@@ -635,8 +646,7 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
         "dataset": f"{config.dataset} (split `{config.split}`, layout `{card.get('layout', 'unknown')}`)",
         "pairs": f"{len(selection.keys)} of {selection.total} (first by key)",
         "crop": f"centre {config.crop}x{config.crop}" if config.crop else "none (full images)",
-        "noise": ("synthetic camera noise made at ingest" if card.get("layout") == "clean"
-                  else f"as ingested (source: {card.get('source', 'unknown')})"),
+        "noise": _noise_fact(card),
         "protocol": "SIDD: mean over 256x256 blocks" if sidd else "PSNR/SSIM on the whole image (data range 1)",
         "dataset hash": card.get("dataset_hash", selection.split_hash),
         "evaluated pairs hash": selection.pairs_hash,
@@ -679,6 +689,14 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
             shutil.rmtree(staging, ignore_errors=True)
     log(f"report: {config.report} ({len(rows)} cells, {len(failures)} failed); MLflow run {run_id}")
     return {"report": config.report, "run_id": run_id, "summary": summary, "results": results}
+
+
+def _noise_fact(card: dict) -> str:
+    noise = card.get("noise")
+    if noise:
+        return (f"synthetic {noise.get('model', '')} noise made at ingest from clean photos "
+                f"({noise.get('variants', 1)} variant(s) each; source {card.get('source', 'unknown')})")
+    return f"real noisy photos as ingested (source {card.get('source', 'unknown')})"
 
 
 def _experiment_id(name: str, settings: Settings) -> str:
