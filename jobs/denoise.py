@@ -2,7 +2,7 @@
 
     python jobs/denoise.py INPUT OUTPUT [--model models:/denoiser@champion] [--reference REF]
                            [--sampler improved|origin|direct] [--steps K] [--tile N] [--batch-size N]
-                           [--workers N] [--gpus-per-worker F] [--date YYYY-MM-DD] [--experiment NAME]
+                           [--workers N] [--gpus-per-worker F] [--date YYYY-MM-DD|today] [--experiment NAME]
 
 Writes OUTPUT[/DATE]/images/<key>.png (PNG whatever the input format; 16-bit inputs give
 16-bit PNGs), OUTPUT[/DATE]/manifest.parquet and errors.parquet, and one MLflow run
@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="CPUs per read/decode and write/score task (default %(default)s)")
     parser.add_argument("--task-memory-mb", type=int, default=1024,
                         help="memory reserved per read/decode and write/score task (default %(default)s)")
-    parser.add_argument("--date", default=None, help="YYYY-MM-DD: write under OUTPUT/DATE/")
+    parser.add_argument("--date", default=None, help="YYYY-MM-DD or 'today' (UTC): write under OUTPUT/DATE/")
     parser.add_argument("--experiment", default="batch-denoise", help="MLflow experiment (default %(default)s)")
     parser.add_argument("--max-megapixels", type=float, default=100.0,
                         help="larger images are rejected (smaller ones are tiled) (default %(default)s)")

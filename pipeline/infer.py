@@ -65,7 +65,7 @@ class DenoiseConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads) per model actor")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs per read/decode and write/score task")
     task_memory_mb: int = Field(1024, ge=1, description="memory reserved per read/decode and write/score task")
-    date: str | None = Field(None, description="YYYY-MM-DD: write under OUTPUT/<date>/")
+    date: str | None = Field(None, description="YYYY-MM-DD or 'today' (UTC): write under OUTPUT/<date>/")
     experiment: str = "batch-denoise"
     max_megapixels: float = Field(100.0, gt=0, description="hard cap; larger images are rejected")
     max_image_mb: float = Field(1024.0, gt=0, description="largest encoded image / archive member")
@@ -84,6 +84,8 @@ class DenoiseConfig(BaseModel):
     @field_validator("date")
     @classmethod
     def _iso_date(cls, value: str | None) -> str | None:
+        if value == "today":  # lets a schedule pass a fixed command line
+            return dt.datetime.now(dt.timezone.utc).date().isoformat()
         if value is not None:
             try:
                 dt.date.fromisoformat(value)
@@ -555,7 +557,7 @@ def run_batch_denoise(config: DenoiseConfig, settings: Settings, *, log: Callabl
         if len(errors):
             mlflow.log_table(errors, artifact_file="errors.json")
         for i, (key, png) in enumerate(summary.previews):
-            mlflow.log_image(decode_image(png), artifact_file=f"samples/{i}-{key.replace('/', '_')}.png")
+            mlflow.log_image(decode_image(png), artifact_file=f"samples/{i}-{output_key(key).replace('/', '_')}")
         run_url = f"{settings.mlflow_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
     log(f"summary: {summary.line()}")
     return {"summary": summary, "manifest": join(config.out_root, "manifest.parquet"),
