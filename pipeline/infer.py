@@ -19,6 +19,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import math
 import os
 import time
 import uuid
@@ -499,7 +500,7 @@ def build_dataset(config: DenoiseConfig, settings: Settings, sources: list[Sourc
         Denoise, batch_size=1, batch_format="numpy", zero_copy_batch=False,
         fn_constructor_kwargs={"model_uri": model_ref, "settings": settings, "sampler": config.sampler,
                                "steps": config.steps, "tile": config.tile, "overlap": config.overlap,
-                               "batch_size": config.batch_size, "threads": max(1, round(config.cpus_per_worker))},
+                               "batch_size": config.batch_size, "threads": math.ceil(config.cpus_per_worker)},
         compute=ray.data.ActorPoolStrategy(size=config.workers),
         num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker or None)
     return denoised.map(finish_row, **task_args, fn_kwargs={
