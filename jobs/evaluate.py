@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="paired dataset written by jobs/ingest.py (s3://... or a local folder)")
     parser.add_argument("--model", default=DEFAULT_MODEL_URI,
-                        help=f"models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint folder (default {DEFAULT_MODEL_URI})")
+                        help=f"models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint folder "
+                             f"(default {DEFAULT_MODEL_URI})")
     parser.add_argument("--methods", type=_csv, default=DEFAULT_METHODS,
-                        help=f"comma-separated (default {','.join(DEFAULT_METHODS)}; bm3d is skipped when not installed)")
+                        help=f"comma-separated (default {','.join(DEFAULT_METHODS)}; "
+                             f"bm3d is skipped when not installed)")
     parser.add_argument("--steps", type=_steps, default=DEFAULT_STEPS,
                         help=f"sampling steps K for origin/improved, clipped to the model's T "
                              f"(default {','.join(map(str, DEFAULT_STEPS))})")

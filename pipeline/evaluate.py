@@ -39,7 +39,6 @@ from pipeline.storage import arrow_fs_for, fsspec_for, is_s3, join, write_atomic
 # Each gets the noisy image (H x W x 3 float in [0, 1]) and estimates its own noise level,
 # because a real photo comes without one. Parameters follow scikit-image's examples.
 
-NL_MEANS = {"patch_size": 5, "patch_distance": 6, "fast_mode": True, "h_per_sigma": 0.8}
 # weight = TV_WEIGHT_PER_SIGMA * sigma: the best constant for white Gaussian noise on the
 # bundled photos (0.5..3 tried); camera noise, whose sigma the estimator underrates, likes more.
 TV_WEIGHT_PER_SIGMA = 1.0
@@ -53,8 +52,7 @@ def _nl_means(noisy: np.ndarray) -> np.ndarray:
     from skimage.restoration import denoise_nl_means
 
     sigma = estimate_noise_sigma(noisy)
-    return denoise_nl_means(noisy, h=NL_MEANS["h_per_sigma"] * sigma, sigma=sigma, fast_mode=NL_MEANS["fast_mode"],
-                            patch_size=NL_MEANS["patch_size"], patch_distance=NL_MEANS["patch_distance"],
+    return denoise_nl_means(noisy, h=0.8 * sigma, sigma=sigma, fast_mode=True, patch_size=5, patch_distance=6,
                             channel_axis=-1)
 
 
@@ -292,8 +290,9 @@ def select_pairs(dataset: str, settings: Settings, *, split: str = "val", limit:
             for side in ("clean", "noisy"):
                 nulls = _null_count(parquet, side)
                 if nulls:
-                    raise DatasetError(f"{nulls} row(s) of {path} have no {side} image; evaluation needs (clean, noisy) "
-                                       f"pairs, so ingest real pairs or let ingest synthesize the noisy side")
+                    raise DatasetError(f"{nulls} row(s) of {path} have no {side} image; evaluation needs "
+                                       f"(clean, noisy) pairs, so ingest real pairs or let ingest synthesize "
+                                       f"the noisy side")
             table = parquet.read(columns=[c for c in ("key", "pair_hash") if c in names])
         keys = table.column("key").to_pylist()
         pair_hashes = table.column("pair_hash").to_pylist() if "pair_hash" in names else [""] * len(keys)
@@ -305,7 +304,8 @@ def select_pairs(dataset: str, settings: Settings, *, split: str = "val", limit:
                          pairs_hash=dataset_hash({k: hashes[k] for k in keys}), split_hash=dataset_hash(hashes))
 
 
-def read_selected_pairs(selection: PairSelection, settings: Settings, keys: Iterable[str] | None = None) -> Iterator[dict]:
+def read_selected_pairs(selection: PairSelection, settings: Settings,
+                        keys: Iterable[str] | None = None) -> Iterator[dict]:
     """Encoded rows {key, clean, noisy} of the selected pairs, in this process."""
     wanted = list(selection.keys if keys is None else keys)
     fs, _ = arrow_fs_for(selection.dataset, settings)
@@ -355,9 +355,8 @@ def _run_on_ray(selection, settings, *, config, steps, preview_keys, sidd, denoi
                                       num_cpus=READ_CPUS)
         if selection.limited:
             pairs = pairs.filter(lambda row: row["key"] in keys, num_cpus=READ_CPUS)
-        # one cell per block, so cells spread over workers and finish (and report) one by one
         return pairs.flat_map(work_items, fn_kwargs={"methods": methods, "steps": steps, "preview_keys": preview_keys},
-                              num_cpus=READ_CPUS).repartition(target_num_rows_per_block=1)
+                              num_cpus=READ_CPUS)
 
     if config.gpu and config.samplers and not ray.cluster_resources().get("GPU"):
         raise EvaluationError("--gpu was given but the Ray cluster has no GPUs")
@@ -373,6 +372,9 @@ def _run_on_ray(selection, settings, *, config, steps, preview_keys, sidd, denoi
             fn_constructor_kwargs={"denoiser": denoiser, "gpu": config.gpu, **scoring},
             num_cpus=ACTOR_CPUS, num_gpus=1 if config.gpu else 0))
     for stage in stages:  # one after the other: a union would hold results back until both end
+        # One row per block: cells spread over workers and finish (and report) one by one. A
+        # repartition would do the same but asks a whole CPU, which a busy 2-core cluster lacks.
+        stage.context.target_max_block_size = 1
         for batch in stage.iter_batches(batch_size=None, batch_format="pyarrow"):
             yield from batch.to_pylist()
 
@@ -571,7 +573,8 @@ def _staging_dir(report: str) -> Path:
 
 
 def _log_to_mlflow(run_name: str, *, config: EvalConfig, settings: Settings, staging: Path, results: pa.Table,
-                   summary: list[dict], tags: dict, params: dict, denoiser: Denoiser | None) -> str:
+                   summary: list[dict], tags: dict, params: dict, denoiser: Denoiser | None) -> tuple[str, str]:
+    """The run (metrics, table, report files) and, for a registered model, its version's eval_run_id tag."""
     import mlflow
 
     mlflow.set_tracking_uri(settings.mlflow_uri)
@@ -595,7 +598,22 @@ def _log_to_mlflow(run_name: str, *, config: EvalConfig, settings: Settings, sta
     if denoiser is not None and denoiser.name and denoiser.version:
         client = mlflow.MlflowClient(settings.mlflow_uri)
         client.set_model_version_tag(denoiser.name, denoiser.version, "eval_run_id", run.info.run_id)
-    return run.info.run_id
+    return run.info.run_id, run.info.experiment_id
+
+
+def available_methods(methods: Iterable[str]) -> tuple[tuple[str, ...], list[str]]:
+    """The methods that can run here, and a note for each optional one that cannot."""
+    kept, notes = [], []
+    for method in methods:
+        module = OPTIONAL_PACKAGES.get(method)
+        if module and importlib.util.find_spec(module) is None:
+            notes.append(f"{method} skipped: the optional package `{module}` is not installed "
+                         f"(`pip install -e '.[{module}]'`; free for non-commercial use only)")
+        else:
+            kept.append(method)
+    if not kept:
+        raise EvaluationError("nothing to evaluate: " + "; ".join(notes))
+    return tuple(kept), notes
 
 
 def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], None] = print) -> dict:
@@ -603,16 +621,8 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
     card = read_card(config.dataset, settings)
     selection = select_pairs(config.dataset, settings, split=config.split, limit=config.limit)
     sidd = card.get("layout") == "sidd-mat"
-    notes = []
-    methods = list(config.methods)
-    for method, module in OPTIONAL_PACKAGES.items():
-        if method in methods and importlib.util.find_spec(module) is None:
-            methods.remove(method)
-            notes.append(f"{method} skipped: the optional package `{module}` is not installed "
-                         f"(`pip install -e '.[{module}]'`; free for non-commercial use only)")
-    if not methods:
-        raise EvaluationError("nothing to evaluate: " + "; ".join(notes))
-    config = config.model_copy(update={"methods": tuple(methods)})
+    methods, notes = available_methods(config.methods)
+    config = config.model_copy(update={"methods": methods})
 
     denoiser, steps = None, list(config.steps)
     if config.samplers:
@@ -658,7 +668,8 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
     tags = {"dataset_uri": config.dataset, "dataset_hash": str(facts["dataset hash"]),
             "eval_pairs_hash": selection.pairs_hash, "split": config.split}
     if denoiser:
-        tags.update({"model_uri": config.model, "model_name": denoiser.name or "", "model_version": denoiser.version or ""})
+        tags.update({"model_uri": config.model, "model_name": denoiser.name or "",
+                     "model_version": denoiser.version or ""})
     params = {"dataset": config.dataset, "split": config.split, "pairs": len(selection.keys), "crop": config.crop,
               "methods": ",".join(config.methods), "steps": ",".join(map(str, steps)), "model": config.model,
               "protocol": "sidd" if sidd else "whole", "local": config.local}
@@ -666,29 +677,48 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
 
     staging = _staging_dir(config.report)
     try:
-        buffer = io.BytesIO()
-        pq.write_table(results, buffer)
-        (staging / "results.parquet").write_bytes(buffer.getvalue())
-        if config.samplers:
-            _plot_psnr_vs_steps(summary, staging / "psnr_vs_steps.png")
-        _plot_psnr_vs_speed(summary, staging / "psnr_vs_speed.png")
-        previews = [{"key": p["key"], "clean": center_crop(center_crop(decode_png_float(p["clean"]), config.crop),
-                                                             PREVIEW_SIZE),
-                     "noisy": center_crop(center_crop(decode_png_float(p["noisy"]), config.crop), PREVIEW_SIZE)}
-                    for p in sorted(read_selected_pairs(selection, settings, preview_keys), key=lambda p: p["key"])]
-        _plot_examples(previews, rows, summary, staging / "examples.png")
-        (staging / "summary.md").write_text(summary_markdown(summary, facts=facts, notes=notes, failures=failures))
-        run_id = _log_to_mlflow(run_name, config=config, settings=settings, staging=staging, results=results,
-                                summary=summary, tags=tags, params=params, denoiser=denoiser)
+        _write_report(staging, rows=rows, results=results, summary=summary, facts=facts, notes=notes,
+                      failures=failures, previews=_preview_pairs(selection, settings, preview_keys, config.crop),
+                      plot_steps=bool(config.samplers))
+        try:
+            run_id, experiment_id = _log_to_mlflow(run_name, config=config, settings=settings, staging=staging,
+                                                   results=results, summary=summary, tags=tags, params=params,
+                                                   denoiser=denoiser)
+            tracking_problem = None
+        except Exception as exc:  # noqa: BLE001 - the report is still worth keeping
+            run_id, tracking_problem = None, _first_line(exc)
         with open(staging / "summary.md", "a") as handle:
-            handle.write(f"\nMLflow run: {settings.mlflow_uri}/#/experiments/"
-                         f"{_experiment_id(config.experiment, settings)}/runs/{run_id}\n")
+            handle.write(f"\nMLflow run: {settings.mlflow_uri}/#/experiments/{experiment_id}/runs/{run_id}\n"
+                         if run_id else f"\nMLflow logging failed: {tracking_problem}\n")
         _publish(staging, config.report, settings)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    if tracking_problem:
+        raise EvaluationError(f"report written to {config.report}, but logging to MLflow at {settings.mlflow_uri} "
+                              f"failed: {tracking_problem}")
     log(f"report: {config.report} ({len(rows)} cells, {len(failures)} failed); MLflow run {run_id}")
     return {"report": config.report, "run_id": run_id, "summary": summary, "results": results}
+
+
+def _preview_pairs(selection: PairSelection, settings: Settings, keys: list[str], crop: int | None) -> list[dict]:
+    """Reference and noisy crops of the example pairs, cut like the methods' previews."""
+    def cut(png: bytes) -> np.ndarray:
+        return center_crop(center_crop(decode_png_float(png), crop), PREVIEW_SIZE)
+
+    pairs = sorted(read_selected_pairs(selection, settings, keys), key=lambda p: p["key"])
+    return [{"key": p["key"], "clean": cut(p["clean"]), "noisy": cut(p["noisy"])} for p in pairs]
+
+
+def _write_report(folder: Path, *, rows, results, summary, facts, notes, failures, previews, plot_steps) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(results, buffer)
+    (folder / "results.parquet").write_bytes(buffer.getvalue())
+    if plot_steps:
+        _plot_psnr_vs_steps(summary, folder / "psnr_vs_steps.png")
+    _plot_psnr_vs_speed(summary, folder / "psnr_vs_speed.png")
+    _plot_examples(previews, rows, summary, folder / "examples.png")
+    (folder / "summary.md").write_text(summary_markdown(summary, facts=facts, notes=notes, failures=failures))
 
 
 def _noise_fact(card: dict) -> str:
@@ -697,9 +727,3 @@ def _noise_fact(card: dict) -> str:
         return (f"synthetic {noise.get('model', '')} noise made at ingest from clean photos "
                 f"({noise.get('variants', 1)} variant(s) each; source {card.get('source', 'unknown')})")
     return f"real noisy photos as ingested (source {card.get('source', 'unknown')})"
-
-
-def _experiment_id(name: str, settings: Settings) -> str:
-    import mlflow
-
-    return mlflow.MlflowClient(settings.mlflow_uri).get_experiment_by_name(name).experiment_id

@@ -101,7 +101,8 @@ def test_item_scores_match_metrics_and_failures_become_rows():
     assert row["megapixels"] == pytest.approx(64 * 64 / 1e6)
 
     big_clean, big_noisy = _gaussian_pair("astronaut", 1, size=96)
-    tiled = {**item, "clean": encode_png(np.tile(big_clean, (3, 3, 1))), "noisy": encode_png(np.tile(big_noisy, (3, 3, 1)))}
+    tiled = {**item, "clean": encode_png(np.tile(big_clean, (3, 3, 1))),
+             "noisy": encode_png(np.tile(big_noisy, (3, 3, 1)))}
     sidd_row = ev.evaluate_item(tiled, crop=None, sidd=True)  # 288x288: one 256 block
     expected = sidd_protocol(decode_png_float(tiled["clean"]), decode_png_float(tiled["noisy"]))
     assert sidd_row["psnr"] == pytest.approx(expected["psnr"], abs=1e-9)
@@ -235,3 +236,16 @@ def test_unloadable_model_is_a_one_line_error(settings, s3_prefix, gaussian_data
     assert proc.stderr.count("\n") == 1, proc.stderr
     fs, root = fsspec_for(s3_prefix, settings)
     assert not fs.exists(join(root, "never"))
+
+
+@pytest.mark.stack
+def test_report_survives_an_mlflow_failure(settings, gaussian_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    no_mlflow = settings.model_copy(update={"mlflow_uri": "http://127.0.0.1:9"})  # nothing listens there
+    config = ev.EvalConfig.of(dataset=gaussian_dataset, methods=("noisy", "tv"), limit=1, crop=None,
+                              report=str(tmp_path / "report"), local=True)
+    with pytest.raises(ev.EvaluationError, match="report written to .*, but logging to MLflow at http://127.0.0.1:9"):
+        ev.evaluate(config, no_mlflow, log=lambda line: None)
+    assert pq.read_table(tmp_path / "report" / "results.parquet").num_rows == 2
+    assert "MLflow logging failed" in (tmp_path / "report" / "summary.md").read_text()
