@@ -528,7 +528,7 @@ def run_batch_denoise(config: DenoiseConfig, settings: Settings, *, log: Callabl
     log(f"model: {config.model} -> {model_ref} (T={denoiser.T}), sampler {config.sampler}, K={config.steps}")
     index = read_state_index(config.output, settings)
     run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    date = config.date or dt.date.today().isoformat()
+    date = config.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
 
     init_ray(settings)
     mlflow.set_tracking_uri(settings.mlflow_uri)
