@@ -31,7 +31,7 @@ def check_mlflow(uri: str, timeout: float = 5.0) -> None:
 
 # ---------------------------------------------------------------- training runs
 
-RUN_TAG = "denoise.train_run"  # the Ray Train run name; a rerun with it resumes the same MLflow run
+RUN_TAG = "denoise.train_run"  # where the Ray Train run keeps its checkpoints: a rerun there resumes this run
 
 
 def _first_line(exc: BaseException) -> str:
@@ -39,8 +39,9 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-def open_training_run(uri: str, *, experiment: str, run_name: str, params: dict, tags: dict) -> tuple[str, bool, list[str]]:
-    """The MLflow run of Ray Train run ``run_name``: found again by tag, or created.
+def open_training_run(uri: str, *, experiment: str, run_name: str, location: str, params: dict,
+                      tags: dict) -> tuple[str, bool, list[str]]:
+    """The MLflow run of the Ray Train run kept at ``location``: found again by tag, or created.
 
     Returns (run_id, resumed, changed) where ``changed`` names params whose value differs
     from what the run logged before (MLflow keeps the first value; the caller warns).
@@ -51,12 +52,12 @@ def open_training_run(uri: str, *, experiment: str, run_name: str, params: dict,
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{run_name}'",
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{location}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found:
         run, resumed = found[0], True
     else:
-        run, resumed = client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: run_name, **tags}), False
+        run, resumed = client.create_run(exp_id, run_name=run_name, tags={RUN_TAG: location, **tags}), False
     logged = run.data.params
     values = {k: str(v)[:6000] for k, v in params.items()}
     changed = sorted(k for k, v in values.items() if k in logged and logged[k] != v)

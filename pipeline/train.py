@@ -9,6 +9,7 @@ the validation split, and logs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -117,12 +118,6 @@ def say(message: str) -> None:
     print(message, file=sys.__stdout__, flush=True)
 
 
-def _progress_line(step: int, total: int, loss: float, lr: float, rate: float, elapsed: float, done: int) -> str:
-    eta = (total - step) * elapsed / max(done, 1)
-    return (f"step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | {rate:.1f} samples/s | "
-            f"ETA {int(eta) // 60}:{int(eta) % 60:02d}")
-
-
 def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker: DDP over its dataset shard; rank 0 validates, logs and writes the state."""
     import ray.train
@@ -183,14 +178,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     kill_at = config.fault_injection.kill_at_step if checkpoint is None else None
 
     losses: list[torch.Tensor] = []
-    window_start, window_step = time.perf_counter(), step
-    run_start, run_start_step = window_start, step
+    clock = Clock(step, samples_per_step=config.train.batch_size * world, steady_after=config.train.log_every)
     while step < total:
         for batch in shard.iter_torch_batches(batch_size=config.train.batch_size, dtypes=torch.float32,
                                               device=device, drop_last=True):
-            ddp_model.train()
             with autocast:
-                loss = training_loss(ddp_model, batch["clean"], batch["noisy"], T=config.diffusion.T,
+                loss = training_loss(ddp_model.train(), batch["clean"], batch["noisy"], T=config.diffusion.T,
                                      kind=config.diffusion.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -201,57 +194,117 @@ def train_loop_per_worker(loop_config: dict) -> None:
             update_ema(ema, model, decay=opt.ema_decay, step=step)
             step += 1
             losses.append(loss.detach())
+            clock.stepped(step)
 
             if step % config.train.log_every == 0 or step == total:
                 if rank == 0:
-                    now = time.perf_counter()
-                    rate = (step - window_step) * config.train.batch_size * world / (now - window_start)
-                    lr = optimizer.param_groups[0]["lr"]
+                    rate, lr = clock.window_rate(step), optimizer.param_groups[0]["lr"]
                     values = torch.stack(losses).float().cpu().tolist()
                     for i, value in enumerate(values):
                         logger.log({"train_loss": value}, step - len(values) + 1 + i)
                     logger.log({"lr": lr, "samples_per_s": rate}, step)
                     logger.flush()
-                    say(_progress_line(step, total, float(np.mean(values)), lr, rate, now - run_start,
-                                       step - run_start_step))
-                    window_start, window_step = now, step
+                    say(f"step {step}/{total} | loss {np.mean(values):.4f} | lr {lr:.2e} | {rate:.1f} samples/s | "
+                        f"ETA {clock.eta(step, total)}")
                 losses = []
 
-            if rank == 0 and kill_at is not None and step == kill_at:
-                say(f"fault injection: rank 0 kills its own process at step {step}")
-                logger.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
+            if kill_at is not None and step == kill_at:
+                # A report blocks until the controller took the previous one, so the last
+                # checkpoint is registered before the crash, as it would be after a longer run.
+                ray.train.report({"step": step})
+                if rank == 0:
+                    say(f"fault injection: rank 0 kills its own process at step {step}")
+                    logger.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
 
             metrics = {"step": step}
-            if step % config.validation.every_steps == 0 or step == total:
-                if rank == 0:
-                    started = time.perf_counter()
+            if rank == 0 and (step % config.validation.every_steps == 0 or step == total):
+                with clock.paused():
                     scores, strip = evaluate(ema, val_pairs, T=config.diffusion.T, sampler=config.validation.sampler,
                                              steps=config.validation.sampler_steps, device=device)
                     logger.log(scores, step)
                     logger.image(strip, "val_strip", step)
                     logger.flush()
-                    metrics |= scores
-                    say(f"validation at step {step}: PSNR noisy {scores['val_psnr_noisy']:.2f} dB, "
-                        f"direct {scores['val_psnr_direct']:.2f} dB, {config.validation.sampler} "
-                        f"{scores['val_psnr']:.2f} dB ({time.perf_counter() - started:.1f}s)")
-                    # time spent validating is not training throughput
-                    window_start += time.perf_counter() - started
+                metrics |= scores
+                say(f"validation at step {step}: PSNR noisy {scores['val_psnr_noisy']:.2f} dB, direct "
+                    f"{scores['val_psnr_direct']:.2f} dB, {config.validation.sampler} {scores['val_psnr']:.2f} dB")
             if step % config.checkpoint.every_steps == 0 or step == total:
                 if rank == 0:
-                    metrics |= {"mlflow_failures": logger.failures, "mlflow_dropped": logger.dropped,
-                                "mlflow_error": logger.first_error or ""}
-                _report_checkpoint(metrics, step=step, rank=rank, model=model, ema=ema, optimizer=optimizer,
-                                   scheduler=scheduler, config=config, run_id=run_id, total=total)
+                    metrics |= clock.summary(step) | {"mlflow_failures": logger.failures,
+                                                      "mlflow_dropped": logger.dropped,
+                                                      "mlflow_error": logger.first_error or ""}
+                with clock.paused():
+                    _report_checkpoint(metrics, step=step, rank=rank, model=model, ema=ema, optimizer=optimizer,
+                                       scheduler=scheduler, config=config, run_id=run_id, total=total)
             if step >= total:
                 break
+        else:
+            clock.epoch_done()
     if logger is not None:
         logger.close()
+
+
+class Clock:
+    """Training time without validation and checkpoint pauses: progress windows, ETA, steady rate, epochs.
+
+    The steady rate starts after the first ``steady_after`` steps of an attempt, so worker
+    start-up and the first Ray Data blocks do not count; epoch times include Ray Data's
+    start of each epoch, which is part of the real cost of an epoch.
+    """
+
+    def __init__(self, step: int, *, samples_per_step: int, steady_after: int):
+        now = time.perf_counter()
+        self.samples_per_step = samples_per_step
+        self.start_step, self.window_step, self.steady_step = step, step, step + steady_after
+        self.start = self.window_start = self.epoch_start = now
+        self.steady_start: float | None = None
+        self.pause_total = self.pause_at_steady = 0.0
+        self.epochs: list[float] = []
+
+    def stepped(self, step: int) -> None:
+        if step == self.steady_step:
+            self.steady_start, self.pause_at_steady = time.perf_counter(), self.pause_total
+
+    @contextlib.contextmanager
+    def paused(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent = time.perf_counter() - started
+            self.pause_total += spent
+            self.window_start += spent
+            self.epoch_start += spent
+
+    def window_rate(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.window_step) * self.samples_per_step / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_step = now, step
+        return rate
+
+    def eta(self, step: int, total: int) -> str:
+        busy = time.perf_counter() - self.start - self.pause_total
+        seconds = int((total - step) * busy / max(step - self.start_step, 1))
+        return f"{seconds // 60}:{seconds % 60:02d}"
+
+    def epoch_done(self) -> None:
+        now = time.perf_counter()
+        self.epochs.append(now - self.epoch_start)
+        self.epoch_start = now
+
+    def summary(self, step: int) -> dict:
+        out = {"epoch_seconds": list(self.epochs)}
+        if self.steady_start is not None and step > self.steady_step:
+            busy = time.perf_counter() - self.steady_start - (self.pause_total - self.pause_at_steady)
+            out["steady_samples_per_s"] = (step - self.steady_step) * self.samples_per_step / busy
+        return out
 
 
 def _quiet_worker_logs() -> None:
     """Keep the driver's output to our progress lines: no per-report dumps or MLflow chatter."""
     import logging
+
+    import mlflow  # noqa: F401 - configures its loggers on import; set the level after that
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:  # Ray Train logs every report under this module's file name, at INFO
@@ -322,7 +375,8 @@ def check_dataset(config: TrainConfig, settings: Settings) -> dict:
     return card
 
 
-def train(config: TrainConfig, settings: Settings, *, promote: bool = False, log=print) -> dict:
+def train(config: TrainConfig, settings: Settings, *, promote: bool = False, register_model: bool = True,
+          log=print) -> dict:
     """Check, train (or resume) on the Ray cluster, register the EMA model; returns a summary."""
     from pipeline.cluster import init_ray
     from pipeline.storage import arrow_fs_for, check_storage, is_s3
@@ -341,12 +395,12 @@ def train(config: TrainConfig, settings: Settings, *, promote: bool = False, log
     commit = git_commit()
     params = {**config.flat(), "dataset_hash": card.get("dataset_hash"), "git_commit": commit, "total_steps": total,
               "train_pairs": (card.get("counts") or {}).get("train"), "val_pairs": (card.get("counts") or {}).get("val")}
+    location = f"{storage_uri.rstrip('/')}/{run_name}"
     run_id, resumed, changed = open_training_run(
-        settings.mlflow_uri, experiment=config.mlflow.experiment, run_name=run_name, params=params,
-        tags={"dataset": config.dataset, "checkpoints": f"{storage_uri.rstrip('/')}/{run_name}",
-              **({"git_commit": commit} if commit else {})})
-    log(f"run {run_name}: {total} steps on {config.scaling.num_workers} worker(s), checkpoints in "
-        f"{storage_uri.rstrip('/')}/{run_name}, MLflow run {run_id}{' (resumed)' if resumed else ''}")
+        settings.mlflow_uri, experiment=config.mlflow.experiment, run_name=run_name, location=location,
+        params=params, tags={"dataset": config.dataset, **({"git_commit": commit} if commit else {})})
+    log(f"run {run_name}: {total} steps on {config.scaling.num_workers} worker(s), checkpoints in {location}, "
+        f"MLflow run {run_id}{' (resumed)' if resumed else ''}")
     if changed:
         log(f"warning: the MLflow run keeps its first values of changed params: {', '.join(changed)}")
 
@@ -363,7 +417,8 @@ def train(config: TrainConfig, settings: Settings, *, promote: bool = False, log
         f"{metrics.get('val_psnr_noisy', float('nan')):.2f} dB; checkpoint {checkpoint_uri}")
     summary = {"run_name": run_name, "run_id": run_id, "checkpoint": checkpoint_uri, "metrics": metrics,
                "total_steps": total}
-    summary |= register(config, settings, result.checkpoint, run_id=run_id, promote_champion=promote, log=log)
+    if register_model:
+        summary |= register(config, settings, result.checkpoint, run_id=run_id, promote_champion=promote, log=log)
     return summary
 
 
