@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.errors import PipelineError
 from pipeline.images import ImageError, encode_png, to_float, to_uint8, to_uint16
-from pipeline.pairs import LAYOUTS, Pair, Rejected, dataset_hash, discover, load_pair, pair_hash, resolve_split
+from pipeline.pairs import LAYOUTS, Pair, dataset_hash, discover, load_pair, pair_hash, resolve_split
 from pipeline.settings import Settings
 from pipeline.shards import CARD, QUARANTINE, SPLITS, write_json, write_shard
 from pipeline.storage import check_storage, fsspec_for, is_s3, join, strip_scheme
@@ -374,7 +374,8 @@ def _ingest(config: IngestConfig, settings: Settings, *, source: str, log: Calla
     card = _card(config, results, len(pairs), len(rejected))
     if not card["counts"]["total"]:
         _remove_shards(config, settings)
-        raise IngestError(f"no valid pair in {config.source}: all {len(rejected)} rejected; reasons in {quarantine_uri}")
+        raise IngestError(f"no valid pair in {config.source}: all {len(rejected)} rejected; "
+                          f"reasons in {quarantine_uri}")
     if config.strict and rejected:
         _remove_shards(config, settings)
         raise IngestError(f"{len(rejected)} items rejected and --strict given: no dataset written; "
