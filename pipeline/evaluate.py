@@ -180,11 +180,11 @@ def evaluate_item(item: dict, *, crop: int | None, sidd: bool, denoiser: Denoise
            "steps": steps, "psnr": None, "ssim": None, "seconds": None, "megapixels": None, "sec_per_mp": None,
            "status": "failed", "reason": None, "preview": None}
     try:
-        clean = center_crop(decode_png_float(item["clean"]), crop)
-        noisy = center_crop(decode_png_float(item["noisy"]), crop)
-        if clean.shape != noisy.shape:
+        clean, noisy = decode_png_float(item["clean"]), decode_png_float(item["noisy"])
+        if clean.shape != noisy.shape:  # checked before cropping, which would hide it
             raise ValueError(f"clean {clean.shape[1]}x{clean.shape[0]} and noisy {noisy.shape[1]}x{noisy.shape[0]} "
                              f"differ in size")
+        clean, noisy = center_crop(clean, crop), center_crop(noisy, crop)
         start = time.perf_counter()
         if method in SAMPLERS:
             if denoiser is None:
