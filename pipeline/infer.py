@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.archives import Limits, Source, iter_items, kind_of, list_sources
+from pipeline.archives import Limits, Source, filesystem_for, iter_items, kind_of, list_sources
 from pipeline.diffusion import SAMPLERS
 from pipeline.errors import PipelineError
 from pipeline.images import ImageError, decode_image, encode_png, reduce_to_uint8, to_float, to_uint8, to_uint16
@@ -317,7 +317,7 @@ def _reference(reference_root: str | None, key: str, settings: Settings) -> tupl
     if not reference_root:
         return None, "", ""
     uri = join(reference_root, key)
-    fs, path = fsspec_for(uri, settings)
+    fs, path = filesystem_for(uri, settings)
     try:
         return decode_image(fs.cat_file(path)), uri, ""
     except FileNotFoundError:
@@ -347,7 +347,7 @@ def finish_row(row: dict, *, settings: Settings, config: DenoiseConfig, model_re
     record = {"key": row["key"], "input_uri": row["input_uri"], "checksum": row["checksum"],
               "status": row["status"], "reason": row["reason"], "stage": row["stage"], "retry": bool(row["retry"]),
               "run_id": run_id, "finished_at": now, "partition": config.partition}
-    fs, out_root = fsspec_for(config.output, settings)
+    fs, out_root = filesystem_for(config.output, settings)
     preview = b""
     if record["status"] == "pending":
         try:
