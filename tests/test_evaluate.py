@@ -69,7 +69,8 @@ def registered_model(settings):
     mlflow.set_experiment("tests")
     with mlflow.start_run(run_name=name):
         info = log_denoiser(build_model("tiny", width=8), T=T, registered_name=name)
-    return name, str(info.registered_model_version)
+    yield name, str(info.registered_model_version)
+    mlflow.MlflowClient(settings.mlflow_uri).delete_registered_model(name)
 
 
 # ---------------------------------------------------------------- pure parts
