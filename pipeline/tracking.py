@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 import urllib.error
 import urllib.request
 
@@ -91,31 +93,29 @@ class RunLogger:
         self._active = False
 
     def _failed(self, exc: BaseException) -> None:
-        import time
-
         self.failures += 1
         self.first_error = self.first_error or _first_line(exc)
         self._paused_until = time.monotonic() + self.retry_after
 
     def _ready(self) -> bool:
-        import time
-
         return time.monotonic() >= self._paused_until
 
     def start(self, keys: list[str]) -> None:
         """Resume the run in this process (with system metrics) and learn which steps it holds."""
-        import os
-
         import mlflow
 
-        # Fail fast instead of MLflow's default minutes of retries with backoff.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        # Fail fast instead of MLflow's default minutes of retries with backoff: the buffer
+        # is the retry, after ``retry_after`` seconds.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self._keys = keys
         self._client = mlflow.MlflowClient(self.uri)
         mlflow.set_tracking_uri(self.uri)
+        if self.system_metrics and not _has_psutil():
+            print("MLflow system metrics are off: the psutil package is not installed", flush=True)
+            self.system_metrics = False
         try:
-            mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics and _has_psutil())
+            mlflow.start_run(run_id=self.run_id, log_system_metrics=self.system_metrics)
             self._active = True
         except Exception as exc:  # noqa: BLE001 - logging must never stop training
             self._failed(exc)
@@ -135,8 +135,6 @@ class RunLogger:
             return False
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

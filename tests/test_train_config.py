@@ -139,3 +139,19 @@ def test_evaluate_scores_noisy_input_and_both_samplers():
     assert scores["val_psnr"] == pytest.approx(scores["val_psnr_noisy"], abs=1e-4)
     assert scores["val_psnr_direct"] == pytest.approx(scores["val_psnr_noisy"], abs=1e-4)
     assert strip.shape == (24, 80, 3) and strip.dtype == np.uint8
+
+
+def test_run_logger_counts_failures_instead_of_raising(monkeypatch):
+    from pipeline.tracking import RunLogger
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # what start() sets in a worker
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    logger = RunLogger("http://127.0.0.1:9", "0" * 32, system_metrics=False, retry_after=0.0)
+    logger.start(["train_loss"])
+    for step in range(1, 4):
+        logger.log({"train_loss": 0.1, "lr": 1e-3}, step)
+        logger.flush()
+    logger.image(np.zeros((4, 4, 3), np.uint8), "val_strip", 3)
+    logger.close()
+    assert logger.failures >= 3 and logger.dropped == 7
+    assert logger.summary().startswith("MLflow logging failed") and "7 value(s) were not logged" in logger.summary()
