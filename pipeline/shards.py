@@ -161,19 +161,22 @@ def _shard_patches(batch: dict, *, dataset_uri: str, settings: Settings, batch_s
 
 
 def training_patches(dataset_uri: str, settings: Settings, *, patch_size: int, crops_per_image: int = 8,
-                     split: str = "train", seed: int | None = None, batch_size: int = 4):
+                     split: str = "train", seed: int | None = None, batch_size: int = 4,
+                     num_cpus: float = 0.5):
     """Streaming Ray Dataset of aligned random patches {"clean", "noisy"}: float32 (3,P,P) in [0,1].
 
     One task per shard reads it with pyarrow and cuts its patches. Ray 2.60's
     ``read_parquet`` spent 15-25 s per epoch listing two known files on the local
     stack (benchmarks/bench_reader.py); the shard list is known, so it is not listed again.
+    Each task asks for ``num_cpus`` (half a CPU by default) so that a small cluster whose
+    CPUs are partly held by train workers can still schedule the reader.
     """
     import ray.data
 
     files = split_files(dataset_uri, split, settings)
     crop_args = {"patch_size": patch_size, "crops_per_image": crops_per_image, "seed": seed}
     return ray.data.from_items([{"path": path} for path in files], override_num_blocks=len(files)).map_batches(
-        _shard_patches, batch_size=1, batch_format="numpy",
+        _shard_patches, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
         fn_kwargs={"dataset_uri": dataset_uri, "settings": settings, "batch_size": batch_size, **crop_args})
 
 
