@@ -98,6 +98,8 @@ def test_train_killed_worker_resumes_and_registers(tmp_path, settings, s3_prefix
     params = run.data.params
     assert params["optimizer.lr"] == "0.001" and params["dataset"] == tiny_dataset
     assert params["dataset_hash"] == "tiny-" + tiny_dataset[-8:] and params["total_steps"] == "24"
+    if (ROOT / ".git").exists():
+        assert len(params["git_commit"]) == 40
     assert metric_steps(client, run.info.run_id, "train_loss") == list(range(1, 25))
     assert metric_steps(client, run.info.run_id, "val_psnr") == [8, 16, 24]
     for key in ("lr", "val_ssim", "val_psnr_direct", "val_psnr_noisy", "val_ssim_noisy"):
@@ -181,9 +183,15 @@ def test_mlflow_going_away_mid_run_does_not_stop_training(tmp_path, settings, s3
     assert fs.exists(f"{strip_scheme(storage)}/no-mlflow/step-00000020/model.pt")
 
 
-def test_missing_or_empty_dataset_is_a_clear_error(tmp_path, settings, s3_prefix):
+def test_missing_dataset_or_mlflow_is_a_clear_error_before_ray(tmp_path, settings, s3_prefix, tiny_dataset):
     from pipeline.config import load_config
     from pipeline.train import check_dataset
+
+    unreachable = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "RAY_ADDRESS": "127.0.0.1:1"}
+    config = write_config(tmp_path, tiny_dataset, f"{s3_prefix}/checkpoints")
+    proc = run_job("train.py", "--config", str(config), env=unreachable, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: cannot reach the MLflow tracking server at http://127.0.0.1:9")
 
     config = write_config(tmp_path, s3_prefix, f"{s3_prefix}/checkpoints")
     proc = run_job("train.py", "--config", str(config), timeout=120)
