@@ -17,7 +17,6 @@ import math
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ from pipeline.images import to_uint8
 from pipeline.metrics import psnr, ssim
 from pipeline.model import UNet
 from pipeline.settings import Settings
+from pipeline.version import git_commit
 
 TRAIN_STATE = "train_state.pt"
 TRAIN_META = "train_state.json"
@@ -339,15 +339,6 @@ def _report_checkpoint(metrics: dict, *, step: int, rank: int, model, ema, optim
 
 
 # ---------------------------------------------------------------- the driver
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
 
 def plan_steps(config: TrainConfig, card: dict) -> int:
     """Total optimizer steps: given, or epochs x the batches one worker sees per epoch."""
