@@ -139,32 +139,33 @@ def test_driver_killed_mid_run_then_rerun_processes_each_item_exactly_once(setti
     for file_name, data in checkpoint_files(build_model("tiny"), T=50).items():
         put(settings, join(checkpoint, file_name), data)
     source, output = join(s3_prefix, "in"), join(s3_prefix, "out")
-    count = 10
+    count = 12
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
         for i in range(count):
-            data = encode_png(noisy_photo(64, 10 + i))
+            data = encode_png(noisy_photo(128, 10 + i))
             info = tarfile.TarInfo(f"frames/{i:02d}.png")
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     put(settings, join(source, "night.tar.gz"), buffer.getvalue())
-    args = [source, output, "--model", checkpoint, "--steps", "10", "--experiment", EXPERIMENT, *SMALL]
+    args = [source, output, "--model", checkpoint, "--steps", "25", "--experiment", EXPERIMENT, *SMALL]
     done_markers = join(output, "_state", "done")
 
     driver = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "denoise.py"), *args], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
+    fs, markers = fsspec_for(done_markers, settings)
     try:
         while time.time() < deadline and driver.poll() is None:
-            fs, _ = fsspec_for(done_markers, settings)
-            if fs.exists(strip_scheme(done_markers)) and images_under(settings, done_markers):
+            fs.invalidate_cache()
+            if fs.exists(markers) and fs.find(markers):
                 break
             time.sleep(0.2)
         assert driver.poll() is None, "the run ended before it could be interrupted"
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    time.sleep(5)  # let Ray reap the dead driver's tasks and actors
+    time.sleep(10)  # let Ray reap the dead driver's tasks and actors
     before = images_under(settings, done_markers)
     assert 0 < len(before) < count
 
