@@ -181,14 +181,22 @@ def test_driver_killed_mid_run_then_rerun_processes_each_item_exactly_once(setti
     assert images_under(settings, join(output, "images")) == keys
 
 
-def test_unknown_model_and_empty_input_fail_fast_with_a_clear_message(settings, s3_prefix):
+def test_unknown_model_and_empty_input_fail_fast_with_a_clear_message(settings, s3_prefix, capsys):
+    """The job's main in this process: these fail before any Ray work, so no subprocess is needed."""
+    from jobs.denoise import main
+
     put(settings, join(s3_prefix, "in", "a.png"), encode_png(noisy_photo(16, 0)))
     missing = "models:/no-such-denoiser-for-tests@champion"
-    result = run_job("denoise.py", join(s3_prefix, "in"), join(s3_prefix, "out"), "--model", missing, timeout=120)
-    assert result.returncode == 2 and missing in result.stderr and "Traceback" not in result.stderr
+    assert main([join(s3_prefix, "in"), join(s3_prefix, "out"), "--model", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and missing in err and "Traceback" not in err
 
-    empty = run_job("denoise.py", join(s3_prefix, "nothing-here"), join(s3_prefix, "out"), timeout=120)
-    assert empty.returncode == 2 and "does not exist" in empty.stderr and "nothing-here" in empty.stderr
+    assert main([join(s3_prefix, "nothing-here"), join(s3_prefix, "out")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "nothing-here" in err
 
-    usage = run_job("denoise.py", "--help", timeout=60)
-    assert usage.returncode == 0 and "--gpus-per-worker" in usage.stdout and "Exit status" in usage.stdout
+    with pytest.raises(SystemExit) as usage:
+        main(["--help"])
+    assert usage.value.code == 0
+    out = capsys.readouterr().out
+    assert "--gpus-per-worker" in out and "Exit status" in out
