@@ -130,7 +130,8 @@ def main() -> None:
     model_uri = prepare_model(settings, root)
     init_ray(settings)
     print(f"tiny UNet, {args.sampler} K={args.steps}, images up to {args.size}px, medians of {args.repeats}")
-    print(f"{'images':>7} {'plain s':>8} {'plain MP/s':>10} {'job s':>8} {'job wall s':>10} {'job MP/s':>9} {'ratio':>6}")
+    header = ("images", "plain s", "plain MP/s", "job s", "job wall s", "job MP/s", "ratio")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (7, 8, 10, 8, 10, 9, 6))))
     rows = []
     for n in counts:
         plain, megapixels = plain_loop_seconds(settings, prefixes[n], model_uri, args, args.repeats)

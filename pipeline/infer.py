@@ -334,7 +334,8 @@ def _quality(noisy: np.ndarray, denoised: np.ndarray, reference: np.ndarray | No
                                        "psnr_in": None, "psnr_out": None, "ssim_in": None, "ssim_out": None}
     if reference is not None:
         if reference.shape != noisy.shape:
-            return scores, f"reference is {reference.shape[1]}x{reference.shape[0]}, image is {noisy.shape[1]}x{noisy.shape[0]}"
+            (rh, rw), (h, w) = reference.shape[:2], noisy.shape[:2]
+            return scores, f"reference is {rw}x{rh}, image is {w}x{h}"
         r = to_float(reference)
         scores |= {"psnr_in": psnr(r, x), "psnr_out": psnr(r, y), "ssim_in": ssim(r, x), "ssim_out": ssim(r, y)}
     return scores, note

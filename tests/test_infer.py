@@ -174,7 +174,8 @@ def test_finish_writes_png_metrics_and_markers_then_merge_builds_the_tables(tmp_
     noisy_dir, ref_dir, out_dir = tmp_path / "in", tmp_path / "ref", tmp_path / "out"
     noisy_dir.mkdir(), ref_dir.mkdir()
     clean = photo(32, 40, seed=1)
-    noisy = np.clip(clean.astype(int) + np.random.default_rng(2).integers(-20, 20, clean.shape), 0, 255).astype(np.uint8)
+    noise = np.random.default_rng(2).integers(-20, 20, clean.shape)
+    noisy = np.clip(clean.astype(int) + noise, 0, 255).astype(np.uint8)
     (noisy_dir / "a.png").write_bytes(encode_png(noisy))
     (ref_dir / "a.png").write_bytes(encode_png(clean))
     (noisy_dir / "b.jpg.png").write_bytes(encode_png(photo(16, 16, dtype=np.uint16)))  # no reference

@@ -149,7 +149,8 @@ def test_schedules_run_the_documented_commands():
 def test_cron_script_submits_the_documented_command():
     script = (ROOT / "infra" / "cron" / "nightly-denoise.sh").read_text()
     defaults = dict(re.findall(r"(\w+)=\$\{DENOISE_\w+:-([^}]+)\}", script))
-    submit = " ".join(line.strip().rstrip("\\").strip() for line in script.split("exec ray job submit", 1)[1].splitlines())
+    tail = script.split("exec ray job submit", 1)[1]
+    submit = " ".join(line.strip().rstrip("\\").strip() for line in tail.splitlines())
     assert "--working-dir ." in submit
     command = submit.split(" -- ", 1)[1].replace('"$@"', "").strip()
     for variable, value in defaults.items():
