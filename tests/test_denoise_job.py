@@ -70,9 +70,10 @@ def registered_model(settings):
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run(run_name="register-test-model"):
         info = log_denoiser(build_model("tiny"), T=20, registered_name=name)
-    mlflow.MlflowClient(settings.mlflow_uri).set_registered_model_alias(name, "champion",
-                                                                        info.registered_model_version)
-    return name, str(info.registered_model_version)
+    client = mlflow.MlflowClient(settings.mlflow_uri)
+    client.set_registered_model_alias(name, "champion", info.registered_model_version)
+    yield name, str(info.registered_model_version)
+    client.delete_registered_model(name)
 
 
 def test_nightly_run_writes_outputs_metrics_and_reports_every_bad_input(settings, s3_prefix, registered_model):
