@@ -8,6 +8,8 @@ PY=.venv/bin/python
 B="s3://${DENOISE_BUCKET}"
 DATE=$(date +%F)
 RUN="demo-$(date +%Y%m%d-%H%M%S)"
+# Fractional CPUs let the model actor and the read/write tasks share a 2-CPU local cluster.
+DENOISE_FLAGS="--steps 4 --cpus-per-worker 0.5 --cpus-per-task 0.25 --task-memory-mb 512"
 step() { printf '\n=== %s\n' "$*"; }
 
 step "1/5 ingest the demo pairs (scikit-image photos + synthetic camera noise) -> $B/datasets/demo"
@@ -20,11 +22,11 @@ step "3/5 nightly denoise of a demo drop (a tar + loose images, with references)
 $PY -c "import sys; from pipeline.archives import build_demo_inputs; from pipeline.settings import load_settings; \
 build_demo_inputs(sys.argv[1], load_settings())" "$B/incoming/demo"
 $PY jobs/denoise.py "$B/incoming/demo/noisy" "$B/denoised/demo" --model models:/denoiser@champion \
-    --reference "$B/incoming/demo/clean" --date "$DATE"
+    --reference "$B/incoming/demo/clean" --date "$DATE" $DENOISE_FLAGS
 
 step "4/5 the same night again: everything is skipped"
 $PY jobs/denoise.py "$B/incoming/demo/noisy" "$B/denoised/demo" --model models:/denoiser@champion \
-    --reference "$B/incoming/demo/clean" --date "$DATE"
+    --reference "$B/incoming/demo/clean" --date "$DATE" $DENOISE_FLAGS
 
 step "5/5 evaluate the model against classic denoisers -> reports/demo"
 $PY jobs/evaluate.py "$B/datasets/demo" --model models:/denoiser@candidate --report reports/demo

@@ -292,7 +292,9 @@ class RayHead(Component):
                 f"--ray-client-server-port={p['ray_client']}", f"--num-cpus={RAY_CPUS}",
                 "--disable-usage-stats", "--include-dashboard=true"]
         # The head's environment is what `ray job submit` entrypoints inherit: hand them the stack.
-        proc = self.spawn(argv, {**env, "RAY_USAGE_STATS_ENABLED": "0"})
+        # PATH leads with this venv so a plain `python` entrypoint of `ray job submit` finds the project.
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        proc = self.spawn(argv, {**env, "RAY_USAGE_STATS_ENABLED": "0", "PATH": path})
         proc.wait(timeout=180)
         if proc.returncode != 0:
             raise StackError(f"`ray start --head` failed (status {proc.returncode}); see {self.logfile}")
