@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 from pipeline.errors import PipelineError
 from pipeline.settings import Settings
 
 
-def init_ray(settings: Settings, **kwargs) -> None:
+def init_ray(settings: Settings, *, attempts: int = 3, **kwargs) -> None:
     """Join ``settings.ray_address`` (or start a local Ray) with the storage env for every worker."""
     import ray
 
@@ -21,10 +22,17 @@ def init_ray(settings: Settings, **kwargs) -> None:
             env_vars[name] = os.environ[name]
     runtime_env = kwargs.pop("runtime_env", {}) or {}
     runtime_env["env_vars"] = {**env_vars, **runtime_env.get("env_vars", {})}
-    try:
-        ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True,
-                 logging_level=logging.WARNING, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = settings.ray_address or "a new local cluster"
-        raise PipelineError(f"cannot connect to Ray at {where}: {str(exc).splitlines()[0]}; "
-                            f"start the local stack with `make up` or set RAY_ADDRESS") from None
+    for attempt in range(attempts):
+        try:
+            ray.init(address=settings.ray_address, runtime_env=runtime_env, log_to_driver=True,
+                     logging_level=logging.WARNING, **kwargs)
+            return
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            # A busy head can miss the connect deadline; a wrong address fails every attempt.
+            if attempt + 1 < attempts and settings.ray_address:
+                ray.shutdown()
+                time.sleep(5 * (attempt + 1))
+                continue
+            where = settings.ray_address or "a new local cluster"
+            raise PipelineError(f"cannot connect to Ray at {where}: {str(exc).splitlines()[0]}; "
+                                f"start the local stack with `make up` or set RAY_ADDRESS") from None

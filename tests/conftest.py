@@ -13,6 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK = [sys.executable, str(ROOT / "infra" / "local" / "stack.py")]
+# The stack's client environment, once the session has it. Jobs get it on top of os.environ, so an
+# in-process library call that rewrites a variable (mlflow.set_tracking_uri does) cannot leak into them.
+STACK_ENV: dict[str, str] = {}
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -33,6 +36,7 @@ def stack_env() -> dict[str, str]:
         if proc.returncode != 0:
             pytest.fail(f"local stack did not start:\n{proc.stdout}\n{proc.stderr}")
     env = read_env_file(ROOT / ".local" / "stack.env")
+    STACK_ENV.update(env)
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield env
@@ -73,4 +77,4 @@ def ray_cluster(settings):
 def run_job(script: str, *args: str, env: dict[str, str] | None = None, timeout: int = 600):
     """Run a job as a user would (a subprocess) and return the CompletedProcess."""
     return subprocess.run([sys.executable, str(ROOT / "jobs" / script), *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
+                          env={**os.environ, **STACK_ENV, **(env or {})}, timeout=timeout, cwd=ROOT)
