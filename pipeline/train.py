@@ -147,10 +147,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step, run_id = 0, loop_config["run_id"]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / TRAIN_STATE, map_location=device, weights_only=True)
-            meta = json.loads((Path(folder) / TRAIN_META).read_text())
-            rng_file = Path(folder) / "rng" / f"rank-{rank}.pt"
+        # Each worker downloads its own copy: workers on one node must not share a download folder.
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(checkpoint.to_directory(tmp))
+            state = torch.load(folder / TRAIN_STATE, map_location=device, weights_only=True)
+            meta = json.loads((folder / TRAIN_META).read_text())
+            rng_file = folder / "rng" / f"rank-{rank}.pt"
             rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
@@ -209,8 +211,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 losses = []
 
             if kill_at is not None and step == kill_at:
-                # A report blocks until the controller took the previous one, so the last
-                # checkpoint is registered before the crash, as it would be after a longer run.
+                # A report blocks until the controller took the previous one; after two, the
+                # controller has finished the poll that registered the last checkpoint, so the
+                # crash comes after it, as it would in a longer run.
+                ray.train.report({"step": step})
                 ray.train.report({"step": step})
                 if rank == 0:
                     say(f"fault injection: rank 0 kills its own process at step {step}")
