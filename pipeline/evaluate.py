@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.cluster import init_ray
-from pipeline.diffusion import SAMPLERS, denoise_tiled, sample
+from pipeline.diffusion import SAMPLERS
 from pipeline.errors import PipelineError
 from pipeline.images import decode_png_float, encode_png, to_uint8
 from pipeline.metrics import estimate_noise_sigma, psnr, sidd_protocol, ssim
@@ -151,19 +151,6 @@ class EvalConfig(BaseModel):
 
 # ---------------------------------------------------------------- one cell
 
-def denoise_with_model(denoiser: Denoiser, noisy: np.ndarray, *, sampler: str, steps: int) -> np.ndarray:
-    """The model on an H x W x 3 image of any size, in tiles, on the model's device."""
-    import torch
-
-    device = next(denoiser.model.parameters()).device
-    image = torch.from_numpy(np.ascontiguousarray(noisy.transpose(2, 0, 1))).float().to(device)
-
-    def fn(batch):
-        return sample(denoiser.model, batch, T=denoiser.T, steps=steps, sampler=sampler).clamp(0, 1)
-
-    return denoise_tiled(fn, image, tile=TILE, overlap=OVERLAP).cpu().numpy().transpose(1, 2, 0)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
@@ -189,7 +176,7 @@ def evaluate_item(item: dict, *, crop: int | None, sidd: bool, denoiser: Denoise
         if method in SAMPLERS:
             if denoiser is None:
                 raise RuntimeError("no model loaded for a model method")
-            output = denoise_with_model(denoiser, noisy, sampler=method, steps=steps)
+            output = denoiser.denoise(noisy, sampler=method, steps=steps, tile=TILE, overlap=OVERLAP)
         else:
             output = CLASSIC_METHODS[method](noisy)
         seconds = time.perf_counter() - start

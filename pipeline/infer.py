@@ -261,24 +261,13 @@ class Denoise:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         loaded = denoiser or load_denoiser(model_uri, settings)
-        self.model, self.T = loaded.model.to(self.device).eval(), loaded.T
-        self.sampler, self.steps = sampler, steps
-        self.tile, self.overlap, self.batch_size = tile, overlap, batch_size
+        loaded.model = loaded.model.to(self.device).eval()
+        self.loaded = loaded
+        self.options = {"sampler": sampler, "steps": steps, "tile": tile, "overlap": overlap, "batch": batch_size}
 
     def denoise(self, pixels: np.ndarray) -> np.ndarray:
         """H x W x 3 uint8/uint16 -> the same shape and dtype, denoised."""
-        import torch
-
-        from pipeline.diffusion import denoise_tiled, sample
-
-        image = torch.from_numpy(to_float(pixels)).permute(2, 0, 1).to(self.device)
-
-        def run(tiles: torch.Tensor) -> torch.Tensor:
-            return sample(self.model, tiles, T=self.T, steps=self.steps, sampler=self.sampler)
-
-        with torch.inference_mode():
-            out = denoise_tiled(run, image, tile=self.tile, overlap=self.overlap, batch=self.batch_size)
-        out = out.clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+        out = self.loaded.denoise(to_float(pixels), **self.options)
         return to_uint8(out) if pixels.dtype == np.uint8 else to_uint16(out)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

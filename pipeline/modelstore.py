@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_files, load_checkpoint_files
-from pipeline.diffusion import sample
+from pipeline.diffusion import denoise_tiled, sample
 from pipeline.errors import PipelineError
 from pipeline.model import UNet
 from pipeline.settings import Settings
@@ -37,6 +37,25 @@ class Denoiser:
     uri: str
     name: str | None = None
     version: str | None = None
+
+    def denoise(self, image, *, sampler: str = "improved", steps: int | None = None, tile: int = 512,
+                overlap: int = 32, batch: int = 4):
+        """H x W x 3 float image in [0, 1], any size -> denoised, in tiles on the model's device.
+
+        The one place where jobs turn a photo into a model output, so the batch job and the
+        evaluation score exactly the same computation.
+        """
+        import numpy as np
+
+        device = next(self.model.parameters()).device
+        pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().to(device)
+
+        def run(tiles: torch.Tensor) -> torch.Tensor:
+            return sample(self.model, tiles, T=self.T, steps=steps, sampler=sampler)
+
+        with torch.inference_mode():
+            out = denoise_tiled(run, pixels, tile=tile, overlap=overlap, batch=batch)
+        return out.clamp(0, 1).cpu().numpy().transpose(1, 2, 0)
 
 
 class SamplingDenoiser(nn.Module):
