@@ -16,6 +16,7 @@ def init_ray(settings: Settings, *, attempts: int = 3, **kwargs) -> None:
 
     if ray.is_initialized():
         return
+    _reload_ray_auth()
     env_vars = {**settings.s3_env(), "MLFLOW_TRACKING_URI": settings.mlflow_uri, "DENOISE_BUCKET": settings.bucket}
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "DENOISE_SETTINGS", "MLFLOW_DISABLE_TELEMETRY"):
         if os.environ.get(name):
@@ -36,3 +37,18 @@ def init_ray(settings: Settings, *, attempts: int = 3, **kwargs) -> None:
             where = settings.ray_address or "a new local cluster"
             raise PipelineError(f"cannot connect to Ray at {where}: {str(exc).splitlines()[0]}; "
                                 f"start the local stack with `make up` or set RAY_ADDRESS") from None
+
+
+def _reload_ray_auth() -> None:
+    """Make Ray read RAY_AUTH_MODE / RAY_AUTH_TOKEN_PATH again before connecting.
+
+    Ray caches both per process the first time anything asks (an import, a Ray Data call, a
+    local ``ray.init``); a process that learns the cluster's token path later would otherwise
+    connect with a stale or missing token and be refused ("InvalidAuthToken").
+    """
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token auth: nothing cached
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()

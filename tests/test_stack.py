@@ -1,10 +1,11 @@
-"""The local stack's start-up guard: a taken port stops everything this call started."""
+"""The local stack: a taken port stops everything a start-up call started; late joiners get in."""
 
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -64,3 +65,26 @@ def test_status_and_help_run_without_a_stack(tmp_path):
     assert proc.returncode == 3 and "stopped" in proc.stdout and "MLflow UI" in proc.stdout
     proc = subprocess.run([*STACK, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "up|down|status" in proc.stdout
+
+
+JOIN_LATE = """
+import os, sys
+auth = {k: os.environ.pop(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+from ray._raylet import get_authentication_mode
+get_authentication_mode()  # Ray caches "no auth" here, before the process knows the stack
+os.environ.update(auth)
+from pipeline.cluster import init_ray
+from pipeline.settings import load_settings
+import ray
+init_ray(load_settings(), attempts=1)
+print("cpus", ray.cluster_resources()["CPU"])
+"""
+
+
+@pytest.mark.stack
+def test_a_process_that_learns_the_token_late_still_joins(stack_env):
+    """Tests (and notebooks) set the stack's env after Ray was first touched; joining must still work."""
+    proc = subprocess.run([sys.executable, "-c", JOIN_LATE], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, **stack_env}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("cpus "), proc.stdout
