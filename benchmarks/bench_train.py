@@ -125,7 +125,7 @@ def ray_run(settings, config: TrainConfig) -> dict:
     started = time.perf_counter()
     metrics = train(config, settings, register_model=False, log=lambda line: None)["metrics"]
     return {"samples_per_s": metrics["steady_samples_per_s"], "epoch_seconds": metrics["epoch_seconds"],
-            "wall_s": time.perf_counter() - started}
+            "data_wait_share": metrics["steady_data_wait_share"], "wall_s": time.perf_counter() - started}
 
 
 def main() -> int:
@@ -145,12 +145,14 @@ def main() -> int:
           f"patch {PATCH}, batch {BATCH}", flush=True)
     storage = f"{root}/checkpoints"
     results: dict[str, list] = {"plain": [], "ray-1w": [], "ray-2w": [], "epoch-1x": [], "epoch-2x": []}
+    waits: dict[str, list] = {"ray-1w": [], "ray-2w": []}  # share of training time spent waiting for data
     for repeat in range(args.repeats):
         results["plain"].append(plain_loop_process(pairs, steps=args.steps))
-        results["ray-1w"].append(ray_run(settings, config_for(f"{root}/data-1x", storage, workers=1,
-                                                               steps=args.steps, threads=2))["samples_per_s"])
-        results["ray-2w"].append(ray_run(settings, config_for(f"{root}/data-1x", storage, workers=2,
-                                                               steps=args.steps, threads=1))["samples_per_s"])
+        for arm, workers, threads in (("ray-1w", 1, 2), ("ray-2w", 2, 1)):
+            run = ray_run(settings, config_for(f"{root}/data-1x", storage, workers=workers, steps=args.steps,
+                                               threads=threads))
+            results[arm].append(run["samples_per_s"])
+            waits[arm].append(run["data_wait_share"])
         for copies in (1, 2):
             # three epochs: the loop stops inside the last one, so two are timed; the second is steady
             run = ray_run(settings, config_for(f"{root}/data-{copies}x", storage, workers=1, epochs=3, threads=2))
@@ -164,12 +166,14 @@ def main() -> int:
         "ray_2w_samples_per_s": med["ray-2w"], "ratio_ray_1w_vs_plain": med["ray-1w"] / med["plain"],
         "ratio_ray_2w_vs_1w": med["ray-2w"] / med["ray-1w"], "epoch_s_1x": med["epoch-1x"],
         "epoch_s_2x": med["epoch-2x"], "ratio_epoch_2x_vs_1x": med["epoch-2x"] / med["epoch-1x"],
+        "data_wait_share_1w": statistics.median(waits["ray-1w"]),
+        "data_wait_share_2w": statistics.median(waits["ray-2w"]),
         "repeats": args.repeats, "steps": args.steps, "cpus": os.cpu_count(),
     }
     print(json.dumps(summary, indent=2))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"summary": summary, "runs": results}, f, indent=2)
+            json.dump({"summary": summary, "runs": results, "data_wait_share": waits}, f, indent=2)
     return 0
 
 

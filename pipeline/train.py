@@ -182,8 +182,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     losses: list[torch.Tensor] = []
     clock = Clock(step, samples_per_step=config.train.batch_size * world, steady_after=config.train.log_every)
     while step < total:
-        for batch in shard.iter_torch_batches(batch_size=config.train.batch_size, dtypes=torch.float32,
-                                              device=device, drop_last=True):
+        batches = shard.iter_torch_batches(batch_size=config.train.batch_size, dtypes=torch.float32,
+                                           device=device, drop_last=True)
+        for batch in clock.waiting(batches):
             with autocast:
                 loss = training_loss(ddp_model.train(), batch["clean"], batch["noisy"], T=config.diffusion.T,
                                      kind=config.diffusion.loss)
@@ -207,7 +208,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     logger.log({"lr": lr, "samples_per_s": rate}, step)
                     logger.flush()
                     say(f"step {step}/{total} | loss {np.mean(values):.4f} | lr {lr:.2e} | {rate:.1f} samples/s | "
-                        f"ETA {clock.eta(step, total)}")
+                        f"data wait {clock.window_wait_share():.0%} | ETA {clock.eta(step, total)}")
                 losses = []
 
             if kill_at is not None and step == kill_at:
@@ -249,7 +250,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 class Clock:
-    """Training time without validation and checkpoint pauses: progress windows, ETA, steady rate, epochs.
+    """Training time without validation and checkpoint pauses: progress windows, ETA, steady rate, epochs,
+    and the share of it spent waiting for the next batch (high means the run is input-bound).
 
     The steady rate starts after the first ``steady_after`` steps of an attempt, so worker
     start-up and the first Ray Data blocks do not count; epoch times include Ray Data's
@@ -261,13 +263,33 @@ class Clock:
         self.samples_per_step = samples_per_step
         self.start_step, self.window_step, self.steady_step = step, step, step + steady_after
         self.start = self.window_start = self.epoch_start = now
+        self.last_window_s = 0.0
         self.steady_start: float | None = None
         self.pause_total = self.pause_at_steady = 0.0
+        self.wait_total = self.wait_at_steady = self.wait_at_window = 0.0
         self.epochs: list[float] = []
+
+    def waiting(self, batches):
+        """``batches``, timing how long each one took to arrive."""
+        iterator = iter(batches)
+        while True:
+            started = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.wait_total += time.perf_counter() - started
+            yield batch
+
+    def window_wait_share(self) -> float:
+        """Share of the last progress window spent waiting for data (call after ``window_rate``)."""
+        waited, self.wait_at_window = self.wait_total - self.wait_at_window, self.wait_total
+        return waited / max(self.last_window_s, 1e-9)
 
     def stepped(self, step: int) -> None:
         if step == self.steady_step:
             self.steady_start, self.pause_at_steady = time.perf_counter(), self.pause_total
+            self.wait_at_steady = self.wait_total
 
     @contextlib.contextmanager
     def paused(self):
@@ -282,7 +304,8 @@ class Clock:
 
     def window_rate(self, step: int) -> float:
         now = time.perf_counter()
-        rate = (step - self.window_step) * self.samples_per_step / max(now - self.window_start, 1e-9)
+        self.last_window_s = now - self.window_start
+        rate = (step - self.window_step) * self.samples_per_step / max(self.last_window_s, 1e-9)
         self.window_start, self.window_step = now, step
         return rate
 
@@ -301,6 +324,7 @@ class Clock:
         if self.steady_start is not None and step > self.steady_step:
             busy = time.perf_counter() - self.steady_start - (self.pause_total - self.pause_at_steady)
             out["steady_samples_per_s"] = (step - self.steady_step) * self.samples_per_step / busy
+            out["steady_data_wait_share"] = (self.wait_total - self.wait_at_steady) / busy
         return out
 
 

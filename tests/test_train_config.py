@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import ConfigError, apply_overrides, load_config, parse_override
 from pipeline.model import UNet
-from pipeline.train import evaluate, lr_factor, rng_state, set_rng_state, update_ema
+from pipeline.train import Clock, evaluate, lr_factor, rng_state, set_rng_state, update_ema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,3 +155,27 @@ def test_run_logger_counts_failures_instead_of_raising(monkeypatch):
     logger.close()
     assert logger.failures >= 3 and logger.dropped == 7
     assert logger.summary().startswith("MLflow logging failed") and "7 value(s) were not logged" in logger.summary()
+
+
+def test_clock_counts_waiting_for_data_but_not_validation_pauses():
+    clock = Clock(0, samples_per_step=4, steady_after=1)
+
+    def slow_batches():
+        for i in range(3):
+            time.sleep(0.05)
+            yield i
+
+    seen = []
+    for step, batch in enumerate(clock.waiting(slow_batches()), start=1):
+        seen.append(batch)
+        clock.stepped(step)
+        with clock.paused():
+            time.sleep(0.05)
+    assert seen == [0, 1, 2]
+    assert clock.wait_total >= 0.15
+    summary = clock.summary(3)
+    # after the steady point only waits and pauses happened, and pauses do not count
+    assert 0.5 < summary["steady_data_wait_share"] <= 1.01
+    assert summary["steady_samples_per_s"] > 0
+    clock.window_rate(3)
+    assert 0.0 < clock.window_wait_share() <= 1.01
