@@ -434,6 +434,9 @@ def train(config: TrainConfig, settings: Settings, *, promote: bool = False, reg
     log(f"trained to step {metrics.get('step')}: val PSNR {metrics.get('val_psnr', float('nan')):.2f} dB "
         f"({config.validation.sampler}, K={config.validation.sampler_steps}) vs noisy "
         f"{metrics.get('val_psnr_noisy', float('nan')):.2f} dB; checkpoint {checkpoint_uri}")
+    if "steady_samples_per_s" in metrics:
+        log(f"throughput {metrics['steady_samples_per_s']:.1f} samples/s after warm-up, "
+            f"{metrics['steady_data_wait_share']:.0%} of it waiting for data")
     summary = {"run_name": run_name, "run_id": run_id, "checkpoint": checkpoint_uri, "metrics": metrics,
                "total_steps": total}
     if register_model:
