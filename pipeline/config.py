@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.diffusion import SAMPLERS
 from pipeline.errors import PipelineError
 from pipeline.model import PRESETS, ModelConfig
+from pipeline.settings import read_yaml_mapping
 
 
 class ConfigError(PipelineError, ValueError):
@@ -209,14 +210,7 @@ def describe_errors(exc: ValidationError) -> str:
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
     """Read, override and validate; every problem becomes one ConfigError line naming the key."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"config file {file} does not exist")
-    try:
-        tree = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {file} is not valid YAML: {' '.join(str(exc).split())}") from None
-    if not isinstance(tree, dict):
-        raise ConfigError(f"config file {file} must hold a mapping of key: value")
+    tree = read_yaml_mapping(file, what="config file", error=ConfigError)
     tree = apply_overrides(tree, overrides or [])
     try:
         return TrainConfig.model_validate(tree)

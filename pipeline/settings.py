@@ -100,17 +100,23 @@ class Settings(BaseModel):
         return env
 
 
-def _from_file(path: str | os.PathLike) -> dict[str, Any]:
+def read_yaml_mapping(path: str | os.PathLike, *, what: str, error: type[PipelineError], hint: str = "") -> dict:
+    """A YAML file that must hold a mapping; every way it can fail is one ``error`` line naming the file."""
     file = Path(path)
     if not file.is_file():
-        raise SettingsError(f"settings file {file} does not exist (set {SETTINGS_FILE_VAR} to an existing YAML file)")
+        raise error(f"{what} {file} does not exist{hint}")
     try:
         data = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise SettingsError(f"settings file {file} is not valid YAML: {exc}") from None
+        raise error(f"{what} {file} is not valid YAML: {' '.join(str(exc).split())}") from None
     if not isinstance(data, dict):
-        raise SettingsError(f"settings file {file} must hold a mapping of setting: value")
+        raise error(f"{what} {file} must hold a mapping of key: value")
     return data
+
+
+def _from_file(path: str | os.PathLike) -> dict[str, Any]:
+    return read_yaml_mapping(path, what="settings file", error=SettingsError,
+                             hint=f" (set {SETTINGS_FILE_VAR} to an existing YAML file)")
 
 
 def _from_env(environ: dict[str, str]) -> dict[str, Any]:
