@@ -88,3 +88,30 @@ def test_a_process_that_learns_the_token_late_still_joins(stack_env):
                           env={**os.environ, **stack_env}, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("cpus "), proc.stdout
+
+
+def test_stopping_a_session_ends_its_processes_and_no_others():
+    """`make down` ends only the Ray head's session; another cluster's processes must survive."""
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("local_stack", ROOT / "infra" / "local" / "stack.py")
+    stack = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = stack
+    spec.loader.exec_module(stack)
+    # a leader that leaves daemons behind and exits, as `ray start` does (one ignores SIGTERM), and a bystander
+    leader = subprocess.Popen(["bash", "-c", "sleep 60 & sleep 60 & (trap '' TERM; exec sleep 60) & exit 0"],
+                              start_new_session=True)
+    bystander = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        leader.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while len(stack.session_members(leader.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(stack.session_members(leader.pid)) == 3
+        stack.stop_session(leader.pid, grace=1)
+        assert stack.session_members(leader.pid) == []
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()

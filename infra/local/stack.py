@@ -272,7 +272,8 @@ class MLflowServer(Component):
 
 
 class RayHead(Component):
-    """`ray start --head` daemonizes, so Ray's own CLI stops it; token auth stays on."""
+    """`ray start --head` daemonizes into the session the stack gave it; stopping ends that session's
+    processes only, so other Ray clusters on the machine keep running. Token auth stays on."""
 
     def __init__(self):
         p = PORTS
@@ -298,17 +299,54 @@ class RayHead(Component):
         proc.wait(timeout=180)
         if proc.returncode != 0:
             raise StackError(f"`ray start --head` failed (status {proc.returncode}); see {self.logfile}")
-        self.pidfile.write_text("ray")
+        # `ray start` exits once the head is up; the session it led holds every process of this head.
+        self.pidfile.write_text(str(proc.pid))
         return None
 
     def pid(self):
         return self.pidfile.exists() or None
 
     def stop(self, env) -> None:
-        if self.pidfile.exists() or self.running(env):
+        try:
+            session = int(self.pidfile.read_text())
+        except (FileNotFoundError, ValueError):
+            session = None
+        if session is not None and Path("/proc").is_dir():
+            # Only this head's processes (its workers included): other Ray clusters on the machine live on.
+            stop_session(session)
+        elif self.pidfile.exists() or self.running(env):
             subprocess.run([str(BIN / "ray"), "stop", "--force"], env={**os.environ, **env},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         self.pidfile.unlink(missing_ok=True)
+
+
+def session_members(session: int) -> list[int]:
+    """Live processes of ``session`` (zombies are already gone, just not yet reaped)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _ppid, _pgrp, sid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            except (OSError, ValueError):
+                continue
+            if int(sid) == session and state not in ("Z", "X"):
+                members.append(int(entry.name))
+    return members
+
+
+def stop_session(session: int, grace: float = 10) -> None:
+    """SIGTERM every process of ``session``, SIGKILL what is left after ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in session_members(session):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while session_members(session) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if not session_members(session):
+            return
 
 
 COMPONENTS = [SeaweedFS(), MLflowServer(), RayHead()]
