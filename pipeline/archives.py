@@ -17,7 +17,6 @@ Nothing here writes to the input.
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
 import io
@@ -137,20 +136,6 @@ def list_sources(input_uri: str, settings: Settings) -> list[Source]:
     return sorted(sources, key=lambda s: s.rel)
 
 
-@functools.lru_cache(maxsize=8)
-def _filesystem(settings: Settings, s3: bool):
-    return fsspec_for("s3://cache" if s3 else "/", settings)[0]
-
-
-def filesystem_for(uri: str, settings: Settings):
-    """Like ``storage.fsspec_for``, reusing one filesystem per process and store.
-
-    Tasks and actors call this once per item; building a new S3 client each time costs
-    more than reading a small image. Each Ray worker builds its own, never a forked one.
-    """
-    return _filesystem(settings, is_s3(uri)), strip_scheme(uri)
-
-
 def _uri(root_uri: str, rel: str) -> str:
     return join(root_uri, rel) if is_s3(root_uri) else join(str(root_uri).rstrip("/") or "/", rel)
 
@@ -167,7 +152,7 @@ def iter_items(source: Source, settings: Settings, limits: Limits = Limits()) ->
     if kind == "other":
         yield Item(source.rel, source.uri, reason=_not_an_image_reason(source.rel))
         return
-    fs, path = filesystem_for(source.uri, settings)
+    fs, path = fsspec_for(source.uri, settings, shared=True)
     if kind == "image":
         if source.size > limits.max_member_bytes:
             yield Item(source.rel, source.uri, reason=_too_big(source.size, limits))

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.diffusion import SAMPLERS
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, validation_problems
 from pipeline.model import PRESETS, ModelConfig
 from pipeline.settings import read_yaml_mapping
 
@@ -192,21 +192,6 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def describe_errors(exc: ValidationError) -> str:
-    problems = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "config"
-        if err["type"] == "extra_forbidden":
-            problems.append(f"{where}: unknown key")
-        elif err["type"] == "missing":
-            problems.append(f"{where}: required")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            given = f" (got {err['input']!r})" if err["type"] not in ("value_error", "model_type") else ""
-            problems.append(f"{where}: {msg}{given}")
-    return "; ".join(problems)
-
-
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
     """Read, override and validate; every problem becomes one ConfigError line naming the key."""
     file = Path(path)
@@ -215,4 +200,4 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(f"invalid config {file}: {describe_errors(exc)}") from None
+        raise ConfigError(f"invalid config {file}: {validation_problems(exc, where='config')}") from None

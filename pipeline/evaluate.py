@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.cluster import init_ray
 from pipeline.diffusion import SAMPLERS
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line, validation_problems
 from pipeline.images import decode_png_float, encode_png, to_uint8
 from pipeline.metrics import estimate_noise_sigma, psnr, sidd_protocol, ssim
 from pipeline.modelstore import DEFAULT_MODEL_URI, Denoiser, load_denoiser
@@ -140,9 +140,7 @@ class EvalConfig(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            raise EvaluationError(f"{'.'.join(map(str, first['loc']))}: {first['msg'].removeprefix('Value error, ')}") \
-                from None
+            raise EvaluationError(validation_problems(exc)) from None
 
     @property
     def samplers(self) -> list[str]:
@@ -150,11 +148,6 @@ class EvalConfig(BaseModel):
 
 
 # ---------------------------------------------------------------- one cell
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:500]
-
 
 def _preview(image: np.ndarray) -> bytes:
     return encode_png(to_uint8(center_crop(np.clip(image, 0, 1), PREVIEW_SIZE)))
@@ -187,7 +180,7 @@ def evaluate_item(item: dict, *, crop: int | None, sidd: bool, denoiser: Denoise
                    sec_per_mp=seconds / megapixels, status="ok",
                    preview=_preview(output) if item.get("preview") else None)
     except Exception as exc:  # noqa: BLE001 - one bad cell must not stop the evaluation
-        row["reason"] = _first_line(exc)
+        row["reason"] = first_line(exc)
     return row
 
 
@@ -673,7 +666,7 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
                                                    denoiser=denoiser)
             tracking_problem = None
         except Exception as exc:  # noqa: BLE001 - the report is still worth keeping
-            run_id, tracking_problem = None, _first_line(exc)
+            run_id, tracking_problem = None, first_line(exc)
         with open(staging / "summary.md", "a") as handle:
             handle.write(f"\nMLflow run: {settings.mlflow_uri}/#/experiments/{experiment_id}/runs/{run_id}\n"
                          if run_id else f"\nMLflow logging failed: {tracking_problem}\n")

@@ -29,9 +29,9 @@ from typing import Any, Callable, Iterator, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.archives import Limits, Source, filesystem_for, iter_items, kind_of, list_sources
+from pipeline.archives import Limits, Source, iter_items, kind_of, list_sources
 from pipeline.diffusion import SAMPLERS
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, validation_problems
 from pipeline.images import ImageError, decode_image, encode_png, reduce_to_uint8, to_float, to_uint8, to_uint16
 from pipeline.settings import Settings
 from pipeline.storage import fsspec_for, join, strip_scheme, write_atomic
@@ -109,8 +109,7 @@ class DenoiseConfig(BaseModel):
         try:
             return cls(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as exc:
-            problems = [f"{'.'.join(map(str, e['loc'])) or 'arguments'}: {e['msg']}" for e in exc.errors()]
-            raise DenoiseConfigError("; ".join(problems)) from None
+            raise DenoiseConfigError(validation_problems(exc)) from None
 
     @property
     def partition(self) -> str:
@@ -306,7 +305,7 @@ def _reference(reference_root: str | None, key: str, settings: Settings) -> tupl
     if not reference_root:
         return None, "", ""
     uri = join(reference_root, key)
-    fs, path = filesystem_for(uri, settings)
+    fs, path = fsspec_for(uri, settings, shared=True)
     try:
         return decode_image(fs.cat_file(path)), uri, ""
     except FileNotFoundError:
@@ -337,7 +336,7 @@ def finish_row(row: dict, *, settings: Settings, config: DenoiseConfig, model_re
     record = {"key": row["key"], "input_uri": row["input_uri"], "checksum": row["checksum"],
               "status": row["status"], "reason": row["reason"], "stage": row["stage"], "retry": bool(row["retry"]),
               "run_id": run_id, "finished_at": now, "partition": config.partition}
-    fs, out_root = filesystem_for(config.output, settings)
+    fs, out_root = fsspec_for(config.output, settings, shared=True)
     preview = b""
     if record["status"] == "pending":
         try:

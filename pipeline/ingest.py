@@ -26,7 +26,7 @@ from typing import Callable, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, validation_problems
 from pipeline.images import ImageError, encode_png, to_float, to_uint8, to_uint16
 from pipeline.pairs import LAYOUTS, Pair, dataset_hash, discover, load_pair, pair_hash, resolve_split
 from pipeline.settings import Settings
@@ -101,9 +101,7 @@ def make_config(**values) -> IngestConfig:
     try:
         return IngestConfig(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as exc:
-        problems = [(".".join(str(p) for p in e["loc"]) + ": " if e["loc"] else "") + e["msg"].removeprefix(
-            "Value error, ") for e in exc.errors()]
-        raise IngestError("invalid ingest settings: " + "; ".join(problems)) from None
+        raise IngestError("invalid ingest settings: " + validation_problems(exc)) from None
 
 
 def _nested(a: str, b: str) -> bool:
@@ -123,12 +121,6 @@ class ShardPlan:
 
 
 @functools.lru_cache(maxsize=4)
-def _source_filesystem(source: str, settings: Settings):
-    # One filesystem per worker process (built here, never forked), so SIDD's block
-    # arrays stay cached in pairs.load_pair across the shards this worker handles.
-    return fsspec_for(source, settings)[0]
-
-
 def _uri(source: str, path: str | None) -> str | None:
     return None if path is None else (f"s3://{path}" if is_s3(source) else path)
 
@@ -177,7 +169,9 @@ def ingest_shard(plan: ShardPlan, config: IngestConfig, source: str, settings: S
     A pair that cannot be used is rejected with its reason. Storage failures (``OSError``)
     propagate so Ray retries the task; the shard is rewritten whole, under the same name.
     """
-    fs = _source_filesystem(source, settings)
+    # One filesystem per worker process, so SIDD's block arrays stay cached in
+    # pairs.load_pair across the shards this worker handles.
+    fs = fsspec_for(source, settings, shared=True)[0]
     rows, rejected = [], []
     for pair in plan.pairs:
         try:

@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, validation_problems
 
 
 class SettingsError(PipelineError, ValueError):
@@ -140,9 +140,6 @@ def load_settings(path: str | os.PathLike | None = None, environ: dict[str, str]
     try:
         return Settings(**values)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"])
-            hint = f" (env {' or '.join(ENV_VARS[name])})" if name in ENV_VARS else ""
-            problems.append(f"{name}{hint}: {err['msg']}")
-        raise SettingsError("invalid settings: " + "; ".join(problems)) from None
+        hints = {name: f" (env {' or '.join(names)})" for name, names in ENV_VARS.items()}
+        raise SettingsError("invalid settings: " + validation_problems(exc, hints=hints, show_input=False)) \
+            from None

@@ -8,6 +8,7 @@ or actor that uses them, from the (picklable) settings.
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from pathlib import Path
@@ -59,11 +60,24 @@ def arrow_fs_for(uri: str, settings: Settings) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), strip_scheme(uri)
 
 
-def fsspec_for(uri: str, settings: Settings):
-    """The fsspec filesystem and bare path for an ``s3://`` URI or a local path."""
-    if is_s3(uri):
-        return s3fs_filesystem(settings), strip_scheme(uri)
-    return fsspec.filesystem("file"), strip_scheme(uri)
+def fsspec_for(uri: str, settings: Settings, *, shared: bool = False):
+    """The fsspec filesystem and bare path for an ``s3://`` URI or a local path.
+
+    ``shared=True`` reuses one filesystem per process and store: tasks and actors that
+    touch many small objects would otherwise pay for a new S3 client each time. Each Ray
+    worker builds its own (never a forked one).
+    """
+    fs = _shared_filesystem(settings, is_s3(uri)) if shared else _filesystem(settings, is_s3(uri))
+    return fs, strip_scheme(uri)
+
+
+def _filesystem(settings: Settings, s3: bool):
+    return s3fs_filesystem(settings) if s3 else fsspec.filesystem("file")
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_filesystem(settings: Settings, s3: bool):
+    return _filesystem(settings, s3)
 
 
 def join(base: str, *parts: str) -> str:

@@ -7,7 +7,7 @@ import time
 import urllib.error
 import urllib.request
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 
 
 class TrackingError(PipelineError):
@@ -34,11 +34,6 @@ def check_mlflow(uri: str, timeout: float = 5.0) -> None:
 # ---------------------------------------------------------------- training runs
 
 RUN_TAG = "denoise.train_run"  # where the Ray Train run keeps its checkpoints: a rerun there resumes this run
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def open_training_run(uri: str, *, experiment: str, run_name: str, location: str, params: dict,
@@ -94,7 +89,7 @@ class RunLogger:
 
     def _failed(self, exc: BaseException) -> None:
         self.failures += 1
-        self.first_error = self.first_error or _first_line(exc)
+        self.first_error = self.first_error or first_line(exc, limit=300)
         self._paused_until = time.monotonic() + self.retry_after
 
     def _ready(self) -> bool:
