@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import run_job
+from pipeline import baselines, report
 from pipeline import evaluate as ev
 from pipeline.demo_data import demo_image
 from pipeline.images import decode_png_float, encode_png, to_float, to_uint8
@@ -122,9 +123,9 @@ def test_summary_picks_best_k():
             for k in "ab" for s, p in ((1, 20.0), (2, 22.0), (4, 21.0))]
     rows.append({"key": "c", "method": "improved", "steps": 2, "status": "failed", "psnr": None, "ssim": None,
                  "sec_per_mp": None})
-    summary = ev.summarize(rows, ["improved"])
+    summary = report.summarize(rows, ["improved"])
     assert [(r["steps"], r["ok"], r["failed"]) for r in summary] == [(1, 2, 0), (2, 2, 1), (4, 2, 0)]
-    assert ev.best_steps(summary)["improved"]["steps"] == 2
+    assert report.best_steps(summary)["improved"]["steps"] == 2
 
 
 # ---------------------------------------------------------------- on the stack
@@ -198,7 +199,7 @@ def test_local_run_keeps_going_past_a_failing_method(settings, gaussian_dataset,
             raise ValueError("too bright for this method")
         return noisy
 
-    monkeypatch.setitem(ev.CLASSIC_METHODS, "picky", picky)
+    monkeypatch.setitem(baselines.CLASSIC_METHODS, "picky", picky)
     config = ev.EvalConfig.of(dataset=gaussian_dataset, methods=("noisy", "picky", "tv"), limit=4, crop=48,
                               report=str(tmp_path / "report"), experiment="tests-evaluate", local=True)
     lines = []
