@@ -1,9 +1,11 @@
 """The local stack: SeaweedFS (S3), an MLflow server and a Ray head node on this machine.
 
-    python infra/local/stack.py up|down|status|env
+    python infra/local/stack.py up|down|status|env [--show-secrets]
 
 Every port comes from an environment variable (defaults below). Data, logs, PID files,
-generated keys and the Ray token live under ``.local/`` (``DENOISE_LOCAL_DIR``). ``up`` is
+generated keys and the Ray token live under ``.local/`` (``DENOISE_LOCAL_DIR``): directories
+0700, secret files 0600 from creation. ``env`` prints the client environment without the S3
+secret key (``--show-secrets`` includes it; ``.local/stack.env`` always has it). ``up`` is
 idempotent: healthy components are left alone; if a port is taken by something else it
 stops what this call started and exits with one line saying which port.
 """
@@ -107,6 +109,55 @@ def http_ok(url: str, headers: dict | None = None) -> bool:
 
 # ---------------------------------------------------------------- keys and env
 
+# Values of these variables are secrets: `env` prints them only when asked.
+SECRET_VARS = ("AWS_SECRET_ACCESS_KEY",)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` (and its missing parents inside .local/) as a directory only its owner can enter."""
+    LOCAL.parent.mkdir(parents=True, exist_ok=True)
+    chain = [p for p in (path, *path.parents) if p == LOCAL or LOCAL in p.parents]
+    for directory in reversed(chain):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            tighten(directory, 0o700)
+    return path
+
+
+def tighten(path: Path, mode: int) -> None:
+    """Narrow what an older version of this script left with default permissions (755/644)."""
+    if path.stat().st_mode & 0o077:
+        path.chmod(mode)
+
+
+def write_secret(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` whole, readable by its owner only from the first byte.
+
+    The temporary file is created 0600 (O_EXCL, so never an existing file someone else made)
+    and renamed over ``path``; no moment exists where the secret sits in a wider-open file.
+    """
+    private_dir(path.parent)
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def private_log(path: Path):
+    """Append-only log file, created 0600 in a 0700 directory (logs can echo keys and URLs)."""
+    private_dir(path.parent)
+    out = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab")
+    tighten(path, 0o600)
+    return out
+
+
 def credentials() -> tuple[str, str]:
     """Keys from the environment, else generated once into .local/ (mode 600)."""
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
@@ -117,18 +168,14 @@ def credentials() -> tuple[str, str]:
         data = json.loads(store.read_text())
         return data["access_key"], data["secret_key"]
     key, secret = "DN" + secrets.token_hex(9).upper(), secrets.token_urlsafe(30)
-    LOCAL.mkdir(parents=True, exist_ok=True)
-    store.write_text(json.dumps({"access_key": key, "secret_key": secret}))
-    store.chmod(0o600)
+    write_secret(store, json.dumps({"access_key": key, "secret_key": secret}))
     return key, secret
 
 
 def ray_token_path() -> Path:
     path = LOCAL / "ray" / "auth_token"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
+        write_secret(path, secrets.token_hex(32))
     return path
 
 
@@ -151,11 +198,28 @@ def stack_env() -> dict[str, str]:
     }
 
 
+def env_lines(env: dict[str, str], *, show_secrets: bool = False) -> str:
+    """The env file's text; with ``show_secrets`` off, secret values become a comment saying where they are."""
+    lines = []
+    for k, v in env.items():
+        if k in SECRET_VARS and not show_secrets:
+            lines.append(f"# {k} is in {LOCAL / 'stack.env'} (`source` it, or `env --show-secrets`)\n")
+        else:
+            lines.append(f"export {k}={v}\n")
+    return "".join(lines)
+
+
 def write_env_file(env: dict[str, str]) -> Path:
-    path = LOCAL / "stack.env"
-    path.write_text("".join(f"export {k}={v}\n" for k, v in env.items()))
-    path.chmod(0o600)
-    return path
+    return write_secret(LOCAL / "stack.env", env_lines(env, show_secrets=True))
+
+
+def print_env(*, show_secrets: bool) -> int:
+    """`env`: the client environment, secrets left out unless ``--show-secrets``."""
+    env = stack_env()
+    if not (LOCAL / "stack.env").exists():
+        write_env_file(env)
+    print(env_lines(env, show_secrets=show_secrets), end="")
+    return 0
 
 
 # ---------------------------------------------------------------- components
@@ -191,11 +255,10 @@ class Component:
             return False
 
     def spawn(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
-        self.logfile.parent.mkdir(parents=True, exist_ok=True)
-        self.pidfile.parent.mkdir(parents=True, exist_ok=True)
-        out = open(self.logfile, "ab")
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
-                                cwd=ROOT, start_new_session=True)
+        private_dir(self.pidfile.parent)
+        with private_log(self.logfile) as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                                    cwd=ROOT, start_new_session=True)
         self.pidfile.write_text(str(proc.pid))
         return proc
 
@@ -234,13 +297,10 @@ class SeaweedFS(Component):
 
     def start(self, env) -> subprocess.Popen:
         key, secret = env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]
-        conf = LOCAL / "seaweedfs-s3.json"
-        conf.write_text(json.dumps({"identities": [{
+        conf = write_secret(LOCAL / "seaweedfs-s3.json", json.dumps({"identities": [{
             "name": "pipeline", "credentials": [{"accessKey": key, "secretKey": secret}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        conf.chmod(0o600)
-        data = LOCAL / "seaweedfs"
-        data.mkdir(parents=True, exist_ok=True)
+        data = private_dir(LOCAL / "seaweedfs")
         p = PORTS
         weed = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
         if not weed:
@@ -261,8 +321,7 @@ class MLflowServer(Component):
         return http_ok(f"http://{HOST}:{PORTS['mlflow']}/health")
 
     def start(self, env) -> subprocess.Popen:
-        db = LOCAL / "mlflow" / "mlflow.db"
-        db.parent.mkdir(parents=True, exist_ok=True)
+        db = private_dir(LOCAL / "mlflow") / "mlflow.db"
         argv = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{db}",
                 "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--serve-artifacts",
                 "--host", HOST, "--port", str(PORTS["mlflow"]), "--workers", "1"]
@@ -407,8 +466,7 @@ def status() -> int:
 
 def main(argv: list[str]) -> int:
     cmds = {"up": lambda: up(argv[1:] or None), "down": down, "status": status,
-            "env": lambda: print((LOCAL / "stack.env").read_text() if (LOCAL / "stack.env").exists()
-                                 else write_env_file(stack_env()).read_text(), end="") or 0}
+            "env": lambda: print_env(show_secrets="--show-secrets" in argv[1:])}
     if not argv or argv[0] not in cmds:
         print(__doc__.strip())
         return 0 if argv and argv[0] in ("-h", "--help") else 2
