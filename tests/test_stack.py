@@ -139,6 +139,11 @@ def test_secrets_are_owner_only_from_creation_whatever_the_umask(tmp_path):
         with stack.private_log(old / "mlflow.log"):
             pass
         assert mode(old / "mlflow.log") == 0o600
+        (old / "seaweedfs.log").write_text("")                   # a running service's log, not reopened
+        (old / "seaweedfs.log").chmod(0o644)
+        (tmp_path / "local" / "mlflow").mkdir(mode=0o755)
+        stack.narrow_local()                                     # what `up` does first
+        assert mode(old / "seaweedfs.log") == 0o600 and mode(tmp_path / "local" / "mlflow") == 0o700
     finally:
         os.umask(old_umask)
 

@@ -131,6 +131,16 @@ def tighten(path: Path, mode: int) -> None:
         path.chmod(mode)
 
 
+def narrow_local() -> None:
+    """What an older version left open under .local/: its directories to 0700, its logs to 0600."""
+    private_dir(LOCAL)
+    for entry in LOCAL.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            tighten(entry, 0o700)
+    for log_file in (LOCAL / "logs").glob("*.log"):
+        tighten(log_file, 0o600)
+
+
 def write_secret(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` whole, readable by its owner only from the first byte.
 
@@ -415,6 +425,7 @@ TIMEOUTS = {"seaweedfs": 90, "mlflow": 120, "ray": 120}
 def up(only: list[str] | None = None) -> int:
     env = stack_env()
     write_env_file(env)
+    narrow_local()
     started: list[Component] = []
     try:
         for comp in COMPONENTS:
