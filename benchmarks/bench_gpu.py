@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from pipeline.diffusion import denoise_tiled, sample, training_loss  # noqa: E402
+from pipeline.diffusion import sample, training_loss  # noqa: E402
+from pipeline.tiling import denoise_tiled  # noqa: E402
 from pipeline.model import build_model, model_stats  # noqa: E402
 
 

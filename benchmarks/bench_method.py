@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pipeline.diffusion import denoise_tiled
+from pipeline.tiling import denoise_tiled
 from pipeline.model import build_model, model_stats
 
 

@@ -22,7 +22,8 @@ from skimage import data as skdata
 from skimage.util import img_as_float32
 
 from pipeline.checkpoint import save_checkpoint
-from pipeline.diffusion import denoise_tiled, sample, training_loss
+from pipeline.diffusion import sample, training_loss
+from pipeline.tiling import denoise_tiled
 from pipeline.metrics import psnr, ssim
 from pipeline.model import build_model, model_stats
 

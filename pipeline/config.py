@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.diffusion import SAMPLERS
+from pipeline.diffusion import DEFAULT_STEPS, SAMPLERS
 from pipeline.errors import PipelineError, validation_problems
 from pipeline.model import PRESETS, ModelConfig
 from pipeline.settings import read_yaml_mapping
@@ -76,7 +76,7 @@ class TrainSection(Section):
 class ValidationConfig(Section):
     every_steps: int = Field(200, ge=1, description="steps between validations (and the last step)")
     sampler: Literal[tuple(SAMPLERS)] = "improved"  # type: ignore[valid-type]
-    sampler_steps: int = Field(10, ge=1, description="K: sampling steps of the configured sampler")
+    sampler_steps: int = Field(DEFAULT_STEPS, ge=1, description="K: sampling steps of the configured sampler")
     crop: int | None = Field(128, ge=8, description="centre crop of each validation pair; null = whole image")
     limit: int | None = Field(8, ge=1, description="validation pairs used; null = all")
 

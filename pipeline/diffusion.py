@@ -25,16 +25,17 @@ and with K = 1 every sampler is ``direct``.
 
 from __future__ import annotations
 
-import math
+import operator
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DEFAULT_STEPS",
     "SAMPLERS",
     "Denoiser",
-    "denoise_tiled",
+    "check_steps",
     "degrade",
     "interpolate",
     "reconstruction_loss",
@@ -48,6 +49,10 @@ __all__ = [
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 SAMPLERS = ("origin", "improved", "direct")
+
+#: K when a caller gives none. ``improved`` gains little past it (docs/method.md: 29.93 dB at
+#: K = 10, 29.97 at 20) and every step is one model call; K = T would be T calls per image.
+DEFAULT_STEPS = 10
 
 
 def interpolate(x0: torch.Tensor, xT: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
@@ -117,14 +122,24 @@ def training_loss(
     return reconstruction_loss(model(x_t, t.to(clean.dtype) / T), clean, kind=kind)
 
 
+def check_steps(steps: int, T: int) -> int:
+    """``steps`` if it is a K the schedule can take (1..T), else a ValueError naming both."""
+    try:
+        k = None if isinstance(steps, bool) else operator.index(steps)
+    except TypeError:
+        k = None
+    if k is None or not 1 <= k <= T:
+        raise ValueError(f"steps must be an integer in 1..T={T}, got {steps!r}")
+    return k
+
+
 def timestep_schedule(T: int, steps: int) -> list[int]:
     """K + 1 distinct integer times from T down to 0, evenly spread.
 
     Neighbours are T/K >= 1 apart before rounding, so rounding never merges
     two of them and the schedule always has exactly ``steps`` steps.
     """
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in 1..T={T}, got {steps}")
+    check_steps(steps, T)
     times = torch.linspace(T, 0, steps + 1, dtype=torch.float64).round().long().tolist()
     assert len(set(times)) == steps + 1, times
     return times
@@ -136,19 +151,18 @@ def sample(
     y: torch.Tensor,
     *,
     T: int,
-    steps: int | None = None,
+    steps: int = DEFAULT_STEPS,
     sampler: str = "improved",
 ) -> torch.Tensor:
     """Denoise the photo y (B, C, H, W) by walking t from T to 0 in ``steps`` steps.
 
     ``model`` is the UNet or any callable with its signature, e.g. an oracle
-    returning the true x0 in tests. ``steps`` defaults to T; ``direct`` is a
+    returning the true x0 in tests. ``steps`` must be in 1..T; ``direct`` is a
     single call whatever ``steps`` says. See the module docstring for the
     update rules and the weighted-mean identity of ``improved``.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
-    steps = T if steps is None else steps
     if sampler == "direct":
         steps = 1
     times = timestep_schedule(T, steps)
@@ -164,88 +178,3 @@ def sample(
         else:  # origin, and direct as its one-step case
             x = degrade(x0_hat, y, t_next, T=T)
     return x
-
-
-def _tile_grid(length: int, tile: int, overlap: int, multiple: int) -> tuple[int, list[int]]:
-    """Tile size and start offsets covering [0, length) with at least ``overlap`` shared pixels.
-
-    Uses the fewest tiles of at most ``tile`` pixels, then shrinks them to the
-    smallest size (rounded up to ``multiple``) that still covers the side, so
-    little compute is spent on overlap beyond what was asked for.
-    """
-    if length <= tile:
-        return length, [0]
-    count = math.ceil((length - overlap) / (tile - overlap))
-    size = math.ceil((length + (count - 1) * overlap) / count)
-    size = min(tile, -(-size // multiple) * multiple)
-    starts = torch.linspace(0, length - size, count, dtype=torch.float64).round().long().tolist()
-    return size, starts
-
-
-def _blend_window(size: int, ramp: int, at_start: bool, at_end: bool) -> torch.Tensor:
-    """1-D blending weights: a sin^2 ramp at edges shared with a neighbour, 1 elsewhere.
-
-    The ramp starts at sin^2(pi/4 / ramp) > 0, so every pixel keeps a positive
-    weight, and edges on the image border stay at full weight. Two facing
-    ramps of the same length sum to one.
-    """
-    w = torch.ones(size, dtype=torch.float64)
-    if ramp > 0:
-        rise = torch.sin(0.5 * math.pi * (torch.arange(ramp, dtype=torch.float64) + 0.5) / ramp) ** 2
-        if not at_start:
-            w[:ramp] = rise
-        if not at_end:
-            w[size - ramp :] = rise.flip(0)
-    return w
-
-
-@torch.no_grad()
-def denoise_tiled(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    image: torch.Tensor,
-    *,
-    tile: int = 512,
-    overlap: int = 32,
-    batch: int = 4,
-    multiple: int = 8,
-) -> torch.Tensor:
-    """Apply ``fn`` ((B, C, h, w) -> same shape) to an image of any size in overlapping tiles.
-
-    Memory is bounded by ``batch`` tiles of at most ``tile`` x ``tile``
-    (plus two image-sized float32 accumulators). Tiles are blended with a
-    smooth positive window so seams do not show. ``image`` is (C, H, W) or
-    (N, C, H, W); the result has the same shape, dtype and device.
-    Extra compute over whole-image inference is about
-    (tile / (tile - overlap))^2 - 1 for large images.
-    """
-    if overlap < 0 or tile <= overlap:
-        raise ValueError(f"need 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-    if image.ndim == 3:
-        return denoise_tiled(fn, image[None], tile=tile, overlap=overlap, batch=batch, multiple=multiple)[0]
-    if image.ndim != 4:
-        raise ValueError(f"image must be (C, H, W) or (N, C, H, W), got {tuple(image.shape)}")
-
-    n, c, height, width = image.shape
-    th, ys = _tile_grid(height, tile, overlap, multiple)
-    tw, xs = _tile_grid(width, tile, overlap, multiple)
-    ramp_h, ramp_w = min(overlap, th // 2), min(overlap, tw // 2)
-    boxes = []
-    for iy, y0 in enumerate(ys):
-        wy = _blend_window(th, ramp_h, iy == 0, iy == len(ys) - 1)
-        for ix, x0 in enumerate(xs):
-            wx = _blend_window(tw, ramp_w, ix == 0, ix == len(xs) - 1)
-            boxes.append((y0, x0, (wy[:, None] * wx[None, :]).float().to(image.device)))
-
-    out = torch.empty_like(image)
-    for i in range(n):
-        acc = torch.zeros(c, height, width, dtype=torch.float32, device=image.device)
-        norm = torch.zeros(1, height, width, dtype=torch.float32, device=image.device)
-        for b0 in range(0, len(boxes), batch):
-            chunk = boxes[b0 : b0 + batch]
-            tiles = torch.stack([image[i, :, y0 : y0 + th, x0 : x0 + tw] for y0, x0, _ in chunk])
-            preds = fn(tiles)
-            for (y0, x0, w), pred in zip(chunk, preds):
-                acc[:, y0 : y0 + th, x0 : x0 + tw] += w * pred.float()
-                norm[:, y0 : y0 + th, x0 : x0 + tw] += w
-        out[i] = (acc / norm).to(image.dtype)
-    return out

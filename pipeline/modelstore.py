@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_files, load_checkpoint_files
-from pipeline.diffusion import denoise_tiled, sample
+from pipeline.diffusion import DEFAULT_STEPS, SAMPLERS, check_steps, sample
 from pipeline.errors import PipelineError
 from pipeline.model import UNet
 from pipeline.settings import Settings
 from pipeline.storage import fsspec_for, join
+from pipeline.tiling import denoise_tiled
 
 DEFAULT_MODEL_URI = "models:/denoiser@champion"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -38,14 +39,16 @@ class Denoiser:
     name: str | None = None
     version: str | None = None
 
-    def denoise(self, image, *, sampler: str = "improved", steps: int | None = None, tile: int = 512,
+    def denoise(self, image, *, sampler: str = "improved", steps: int = DEFAULT_STEPS, tile: int = 512,
                 overlap: int = 32, batch: int = 4):
         """H x W x 3 float image in [0, 1], any size -> denoised, in tiles on the model's device.
 
         The one place where jobs turn a photo into a model output, so the batch job and the
-        evaluation score exactly the same computation.
+        evaluation score exactly the same computation. ``steps`` (K) must be in 1..T.
         """
         import numpy as np
+
+        check_steps(steps, self.T)
 
         device = next(self.model.parameters()).device
         pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().to(device)
@@ -61,16 +64,18 @@ class Denoiser:
 class SamplingDenoiser(nn.Module):
     """What ``mlflow.pytorch`` serves: noisy (B,3,H,W) in [0,1] -> denoised, with a fixed sampler."""
 
-    def __init__(self, model: UNet, *, T: int, sampler: str = "improved", steps: int | None = None):
+    def __init__(self, model: UNet, *, T: int, sampler: str = "improved", steps: int = DEFAULT_STEPS):
         super().__init__()
-        self.model, self.T, self.sampler, self.steps = model, T, sampler, steps
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose from {SAMPLERS}")
+        self.model, self.T, self.sampler, self.steps = model, T, sampler, check_steps(steps, T)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return sample(self.model, y, T=self.T, steps=self.steps, sampler=self.sampler).clamp(0, 1)
 
 
 def log_denoiser(model: UNet, *, T: int, registered_name: str | None = None, artifact_name: str = "model",
-                 sampler: str = "improved", steps: int | None = None, input_example=None, extra: dict | None = None):
+                 sampler: str = "improved", steps: int = DEFAULT_STEPS, input_example=None, extra: dict | None = None):
     """Log to the active MLflow run (and register when a name is given); returns the ModelInfo."""
     import mlflow.pytorch
     import numpy as np

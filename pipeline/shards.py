@@ -134,8 +134,8 @@ def random_crops(batch: dict, *, patch_size: int, crops_per_image: int, seed: in
     """map_batches function: decode PNGs, cut aligned patches. ``seed=None`` gives new
     patches every epoch; a fixed seed repeats the same stream (for tests and benchmarks).
 
-    A plain function, not a callable class: Ray Data runs it as tasks fused with the
-    Parquet read, where a class would start an actor pool (one actor first) every epoch.
+    A plain function, not a callable class: ``_shard_patches`` calls it inside the one reader
+    task per shard, where a class would need an actor pool started (one actor first) every epoch.
     """
     keys = [str(k) for k in batch["key"]]
     digest = hashlib.blake2b("\0".join(keys).encode(), digest_size=8).digest()

@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.diffusion import (
+    DEFAULT_STEPS,
     SAMPLERS,
-    _blend_window,
+    check_steps,
     degrade,
-    denoise_tiled,
     interpolate,
     reconstruction_loss,
     sample,
@@ -18,6 +18,7 @@ from pipeline.diffusion import (
     training_loss,
 )
 from pipeline.model import build_model
+from pipeline.tiling import _blend_window, denoise_tiled
 
 
 def oracle_for(x0: torch.Tensor):
@@ -175,6 +176,61 @@ def test_sampling_builds_no_graph_and_rejects_unknown_samplers():
     with pytest.raises(ValueError):
         sample(model, torch.rand(1, 3, 8, 8), T=4, sampler="ddim")
 
+
+class CountingModel(torch.nn.Module):
+    """The identity with a call counter: K model calls is what one denoise costs."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.calls = 0
+
+    def forward(self, x_t, t):
+        self.calls += 1
+        return x_t * self.scale
+
+
+def test_no_path_calls_the_model_T_times_by_default():
+    """A default of K = T once meant 1000 model calls per image; every entry point now takes DEFAULT_STEPS."""
+    import inspect
+
+    import numpy as np
+
+    from pipeline.config import ValidationConfig
+    from pipeline.modelstore import Denoiser, SamplingDenoiser, log_denoiser
+
+    T, y = 1000, torch.rand(1, 3, 8, 8)
+    model = CountingModel()
+    sample(model, y, T=T)
+    assert model.calls == DEFAULT_STEPS == 10
+
+    model = CountingModel()
+    Denoiser(model=model, T=T, uri="test").denoise(np.random.default_rng(0).random((16, 12, 3)))
+    assert model.calls == DEFAULT_STEPS  # one tile
+
+    model = CountingModel()
+    SamplingDenoiser(model, T=T)(y)
+    assert model.calls == DEFAULT_STEPS
+    assert inspect.signature(log_denoiser).parameters["steps"].default == DEFAULT_STEPS
+    assert ValidationConfig().sampler_steps == DEFAULT_STEPS
+
+
+def test_steps_are_validated_against_T_before_any_model_call():
+    from pipeline.modelstore import Denoiser, SamplingDenoiser
+
+    assert check_steps(4, 4) == 4 and check_steps(torch.tensor(3).item(), 4) == 3
+    for bad in (0, 5, None, 2.5, True):
+        with pytest.raises(ValueError, match=r"steps must be an integer in 1..T=4"):
+            check_steps(bad, 4)
+    model = CountingModel()
+    with pytest.raises(ValueError, match="1..T=4, got 10"):
+        SamplingDenoiser(model, T=4)  # the default K does not fit a T = 4 model: said when it is built
+    with pytest.raises(ValueError, match="1..T=4, got 5"):
+        Denoiser(model=model, T=4, uri="test").denoise(torch.rand(8, 8, 3).numpy(), steps=5)
+    assert model.calls == 0
+
+
+# ---------------------------------------------------------------- tiling (pipeline.tiling)
 
 def test_blend_window_is_positive_and_full_at_image_borders():
     inner = _blend_window(16, 4, at_start=False, at_end=False)

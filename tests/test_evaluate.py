@@ -69,7 +69,7 @@ def registered_model(settings):
     mlflow.set_tracking_uri(settings.mlflow_uri)
     mlflow.set_experiment("tests")
     with mlflow.start_run(run_name=name):
-        info = log_denoiser(build_model("tiny", width=8), T=T, registered_name=name)
+        info = log_denoiser(build_model("tiny", width=8), T=T, steps=T, registered_name=name)
     yield name, str(info.registered_model_version)
     mlflow.MlflowClient(settings.mlflow_uri).delete_registered_model(name)
 
