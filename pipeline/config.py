@@ -63,7 +63,8 @@ class TrainSection(Section):
     epochs: int | None = Field(None, ge=1, description="passes over the patches (or give steps)")
     seed: int = 0
     log_every: int = Field(25, ge=1, description="steps between progress lines and MLflow flushes")
-    bf16: bool = Field(True, description="bf16 autocast when training on GPU (ignored on CPU)")
+    bf16: bool = Field(False, description="bf16 autocast when training on GPU (ignored on CPU); off by default: "
+                                            "slower than fp32 at 16 patches per GPU (docs/training.md)")
     threads_per_worker: int | None = Field(None, ge=1, description="torch CPU threads; default: the worker's CPUs")
 
     @model_validator(mode="after")
