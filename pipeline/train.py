@@ -86,6 +86,18 @@ def evaluate(model: UNet, pairs: list[dict], *, T: int, sampler: str, steps: int
     return {k: float(np.mean(v)) for k, v in scores.items()}, strip
 
 
+def nonempty_epoch(batches, *, rank: int, batch_size: int):
+    """``batches``, then a TrainingError if there were none: with drop_last, a shard smaller than
+    one batch gives empty epochs, and the loop would start one after another forever."""
+    empty = True
+    for batch in batches:
+        empty = False
+        yield batch
+    if empty:
+        raise TrainingError(f"rank {rank}: an epoch of its training shard gave no batch of {batch_size} patches "
+                            f"(the shard holds fewer); lower train.batch_size or train on more data")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -184,7 +196,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     while step < total:
         batches = shard.iter_torch_batches(batch_size=config.train.batch_size, dtypes=torch.float32,
                                            device=device, drop_last=True)
-        for batch in clock.waiting(batches):
+        for batch in clock.waiting(nonempty_epoch(batches, rank=rank, batch_size=config.train.batch_size)):
             with autocast:
                 loss = training_loss(ddp_model.train(), batch["clean"], batch["noisy"], T=config.diffusion.T,
                                      kind=config.diffusion.loss)
@@ -369,14 +381,24 @@ def _report_checkpoint(metrics: dict, *, step: int, rank: int, model, ema, optim
 # ---------------------------------------------------------------- the driver
 
 def plan_steps(config: TrainConfig, card: dict) -> int:
-    """Total optimizer steps: given, or epochs x the batches one worker sees per epoch."""
-    if config.train.steps is not None:
+    """Total optimizer steps: given, or epochs x the batches one worker sees per epoch.
+
+    Either way an epoch must hold one batch on every worker: the loop drops the last partial
+    batch, so a smaller dataset would give empty epochs (``nonempty_epoch``).
+    """
+    train_pairs = (card.get("counts") or {}).get("train")
+    if train_pairs is None:  # an older card: nothing to check here, the loop still refuses an empty epoch
+        if config.train.steps is None:
+            raise TrainingError(f"{config.dataset}/dataset.json has no train count to plan epochs from; "
+                                f"give train.steps")
         return config.train.steps
-    patches = int(card["counts"]["train"]) * config.data.crops_per_image
+    patches = int(train_pairs) * config.data.crops_per_image
     per_epoch = patches // (config.train.batch_size * config.scaling.num_workers)
     if per_epoch < 1:
         raise TrainingError(f"{patches} patches per epoch are fewer than one batch on every worker "
                             f"({config.train.batch_size} x {config.scaling.num_workers}); lower train.batch_size")
+    if config.train.steps is not None:
+        return config.train.steps
     return config.train.epochs * per_epoch
 
 

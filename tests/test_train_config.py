@@ -184,3 +184,38 @@ def test_clock_counts_waiting_for_data_but_not_validation_pauses():
     assert summary["steady_samples_per_s"] > 0
     clock.window_rate(3)
     assert 0.0 < clock.window_wait_share() <= 1.01
+
+
+def test_a_dataset_smaller_than_one_batch_is_refused_in_both_planning_paths(tmp_path):
+    """With drop_last such a shard gives empty epochs; whether train.steps or train.epochs is given."""
+    from pipeline.train import TrainingError, plan_steps
+
+    card = {"counts": {"train": 3, "val": 1}}  # 3 pairs x 2 crops = 6 patches < one batch of 8
+    for budget in ("train.steps=10", "train.epochs=2"):
+        config = load_config(write(tmp_path, MINIMAL),
+                             [budget, *(["train.steps=null"] if "epochs" in budget else []),
+                              "train.batch_size=8", "data.crops_per_image=2"])
+        with pytest.raises(TrainingError, match=r"6 patches per epoch are fewer than one batch on every worker "
+                                                r"\(8 x 1\); lower train.batch_size"):
+            plan_steps(config, card)
+    enough = load_config(write(tmp_path, MINIMAL), ["train.batch_size=3", "data.crops_per_image=2"])
+    assert plan_steps(enough, card) == 10
+    by_epochs = load_config(write(tmp_path, MINIMAL), ["train.steps=null", "train.epochs=2", "train.batch_size=3",
+                                                       "data.crops_per_image=2", "scaling.num_workers=2"])
+    assert plan_steps(by_epochs, card) == 2 * (6 // (3 * 2))
+    assert plan_steps(enough, {}) == 10  # an older card without counts: the loop's own check is left
+    with pytest.raises(TrainingError, match="no train count"):
+        plan_steps(by_epochs, {})
+
+
+def test_an_epoch_without_a_batch_fails_instead_of_spinning():
+    from pipeline.train import TrainingError, nonempty_epoch
+
+    assert list(nonempty_epoch(iter([1, 2]), rank=0, batch_size=8)) == [1, 2]
+    epochs = 0
+    with pytest.raises(TrainingError, match=r"rank 1: an epoch of its training shard gave no batch of 8 patches"):
+        while epochs < 100:  # the loop's shape: epoch after epoch until the step budget is spent
+            epochs += 1
+            for _ in nonempty_epoch(iter([]), rank=1, batch_size=8):
+                pass
+    assert epochs == 1
