@@ -148,7 +148,7 @@ def pair_rows(pair: Pair, clean: np.ndarray, noisy: np.ndarray | None, *, split:
             rng = np.random.default_rng([config.seed, _key_seed(pair.key), variant])
             target, noisy_float, camera = synthesize_pair(to_float(clean), rng)
             sides.append((f"{pair.key}_v{variant}", _quantize_like(target, clean), _quantize_like(noisy_float, clean),
-                          {**meta, "noise": config.noise, "variant": variant, "camera": camera.as_dict()}))
+                          {**meta, "noise": config.noise, "variant": variant, "camera": camera}))
     rows = []
     for key, clean_pixels, noisy_pixels, row_meta in sides:
         clean_png, noisy_png = encode_png(clean_pixels), encode_png(noisy_pixels)

@@ -1,8 +1,6 @@
-"""The camera-noise model of pipeline.noise against its own definition."""
+"""The camera-noise models of pipeline.noise against their own definitions."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pytest
@@ -10,22 +8,31 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.noise import (
-    BLUE_GAIN_RANGE,
-    RED_GAIN_RANGE,
-    SHOT_NOISE_RANGE,
+    CAMERA_MODELS,
+    DEMOSAIC_METHODS,
+    TEST_CAMERA,
+    TRAIN_CAMERA,
     add_raw_noise,
+    camera_model,
+    decode,
     demosaic,
+    encode,
+    heavy_tailed,
     mosaic,
     process,
-    sample_camera_params,
-    synthesize_camera_noise,
+    sample_camera,
+    synthesize,
+    synthesize_pair,
+    synthesize_test_pair,
+    test_camera,
     unprocess,
 )
 
 seeds = st.integers(0, 2**32 - 1)
+models = st.sampled_from([TRAIN_CAMERA, TEST_CAMERA])
 
 
-def smooth_image(height: int = 48, width: int = 64) -> np.ndarray:
+def smooth_image(height: int = 32, width: int = 48) -> np.ndarray:
     """Mid-tone, low-saturation gradients: no clipping anywhere in the camera pipeline."""
     y, x = np.mgrid[0:height, 0:width] / max(height, width)
     return np.stack(
@@ -33,123 +40,178 @@ def smooth_image(height: int = 48, width: int = 64) -> np.ndarray:
     ).astype(np.float32)
 
 
-def noiseless(params):
-    return dataclasses.replace(params, shot_noise=0.0, read_noise=0.0)
+def quiet(params: dict, **changes) -> dict:
+    """The same camera without JPEG (and with any other value changed)."""
+    return {**params, "jpeg_quality": None, **changes}
 
 
-@settings(max_examples=50, deadline=None)
-@given(seed=seeds)
-def test_sampled_parameters_stay_in_the_papers_ranges(seed):
-    params = sample_camera_params(np.random.default_rng(seed))
-    assert RED_GAIN_RANGE[0] <= params.red_gain <= RED_GAIN_RANGE[1]
-    assert BLUE_GAIN_RANGE[0] <= params.blue_gain <= BLUE_GAIN_RANGE[1]
-    assert SHOT_NOISE_RANGE[0] <= params.shot_noise <= SHOT_NOISE_RANGE[1]
-    assert params.read_noise > 0 and params.rgb_gain > 0
-    # Rows sum to one, so a neutral gray stays neutral in camera space.
-    np.testing.assert_allclose(params.rgb_to_camera_matrix.sum(axis=1), 1.0, atol=1e-5)
+def within(value: float, bounds) -> bool:
+    return bounds[0] <= value <= bounds[1]
 
 
-@settings(max_examples=20, deadline=None)
-@given(seed=seeds)
-def test_unprocess_then_process_without_mosaic_is_exact(seed):
-    params = sample_camera_params(np.random.default_rng(seed))
-    image = smooth_image()
-    round_trip = process(unprocess(image, params, bayer=False), params)
-    assert np.abs(round_trip - image).max() < 1e-4
+@settings(max_examples=60, deadline=None)
+@given(seed=seeds, model=models)
+def test_sampled_cameras_respect_their_models_ranges(seed, model):
+    params = sample_camera(np.random.default_rng(seed), model)
+    assert params["model"] == model.name
+    assert within(params["red_gain"], model.red_gain) and within(params["blue_gain"], model.blue_gain)
+    assert within(params["tone_shape"], model.tone_shape) and params["tone"] == model.tone
+    assert (params["gamma"] is None) == (model.gamma is None)
+    if model.gamma is not None:
+        assert within(params["gamma"], model.gamma)
+    assert within(params["shot_noise"], model.shot)
+    slope, intercept, spread = model.read_law
+    z = (np.log(params["read_noise"]) - slope * np.log(params["shot_noise"]) - intercept) / spread
+    assert abs(z) < 7  # log-linear in the shot noise, with Gaussian jitter
+    assert params["tails"] == model.tails and within(params["tail_shape"], model.tail_shape)
+    assert params["banding"] == model.banding and within(params["banding_ratio"], model.banding_ratio)
+    assert params["adc_bits"] in model.adc_bits and params["demosaic"] in model.demosaic
+    quality = params["jpeg_quality"]
+    assert quality is None or within(quality, model.jpeg_quality)
+    matrix = np.asarray(params["rgb_to_camera"])
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-9)  # gray stays gray
+    assert abs(np.linalg.det(matrix)) > 1e-3
 
 
-@settings(max_examples=10, deadline=None)
-@given(seed=seeds)
-def test_noiseless_round_trip_through_the_bayer_mosaic_is_close(seed):
-    # Bilinear demosaicking is not lossless; on smooth content it is within 2e-3 on
-    # average and 2e-2 at worst (the borders).
-    params = noiseless(sample_camera_params(np.random.default_rng(seed)))
-    image = smooth_image()
-    noisy, used = synthesize_camera_noise(image, np.random.default_rng(seed), params)
-    assert used == params
-    assert np.abs(noisy - image).mean() < 2e-3
-    assert np.abs(noisy - image).max() < 2e-2
-
-
-def test_demosaic_keeps_measured_samples_and_restores_flat_colour():
-    colour = np.array([0.2, 0.5, 0.7], np.float32)
-    flat = np.broadcast_to(colour, (6, 8, 3)).copy()
-    np.testing.assert_allclose(demosaic(mosaic(flat)), flat, atol=1e-6)
-    bayer = np.random.default_rng(0).random((6, 8), dtype=np.float32)
-    np.testing.assert_allclose(mosaic(demosaic(bayer)), bayer, atol=1e-6)
-
-
-def test_mosaic_is_rggb_and_needs_even_sizes():
-    image = np.zeros((2, 2, 3), np.float32)
-    image[..., 0], image[..., 1], image[..., 2] = 1.0, 2.0, 3.0
-    np.testing.assert_array_equal(mosaic(image), [[1.0, 2.0], [2.0, 3.0]])
-    with pytest.raises(ValueError):
-        mosaic(np.zeros((3, 4, 3), np.float32))
-
-
-def test_raw_noise_variance_grows_linearly_with_brightness():
-    shot, read = 0.01, 0.0005
-    rng = np.random.default_rng(7)
-    levels = np.linspace(0.05, 0.95, 10)
-    variances = [add_raw_noise(np.full((400, 500), level), shot, read, rng).var() for level in levels]
-    slope, intercept = np.polyfit(levels, variances, 1)
-    assert slope == pytest.approx(shot, rel=0.03)
-    assert intercept == pytest.approx(read, abs=3e-4)
-
-
-def test_raw_noise_is_unbiased_and_zero_noise_is_identity():
-    raw = np.full((300, 300), 0.3, np.float32)
-    rng = np.random.default_rng(3)
-    assert add_raw_noise(raw, 0.01, 1e-4, rng).mean() == pytest.approx(0.3, abs=1e-3)
-    np.testing.assert_array_equal(add_raw_noise(raw, 0.0, 0.0, rng), raw)
+def test_the_test_camera_is_built_differently_from_the_training_one():
+    train, test = TRAIN_CAMERA, test_camera()
+    assert test is TEST_CAMERA and camera_model("test") is TEST_CAMERA and set(CAMERA_MODELS) == {"train", "test"}
+    train_ccms = {tuple(map(tuple, m)) for m in train.xyz_to_camera}
+    assert not train_ccms & {tuple(map(tuple, m)) for m in test.xyz_to_camera}
+    assert not set(train.demosaic) & set(test.demosaic)
+    assert (train.tone, train.tails, train.banding) != (test.tone, test.tails, test.banding)
+    assert train.read_law != test.read_law and train.red_gain != test.red_gain
+    with pytest.raises(ValueError, match="unknown camera model 'nope'"):
+        camera_model("nope")
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=seeds, height=st.integers(1, 21), width=st.integers(1, 21))
-def test_output_is_float32_in_range_with_the_input_shape(seed, height, width):
-    image = np.random.default_rng(seed).random((height, width, 3), dtype=np.float32)
-    noisy, _ = synthesize_camera_noise(image, np.random.default_rng(seed))
-    assert noisy.shape == image.shape and noisy.dtype == np.float32
-    assert noisy.min() >= 0.0 and noisy.max() <= 1.0
+@given(seed=seeds, model=models, height=st.integers(5, 24), width=st.integers(5, 24))
+def test_pairs_are_float32_in_unit_range_on_the_8bit_grid_for_any_size(seed, model, height, width):
+    rgb = np.random.default_rng(seed).uniform(0, 1, (height, width, 3)).astype(np.float32)
+    target, noisy, params = synthesize_pair(rgb, np.random.default_rng(seed), model=model)
+    for image in (target, noisy):
+        assert image.shape == rgb.shape and image.dtype == np.float32
+        assert image.min() >= 0.0 and image.max() <= 1.0
+        np.testing.assert_allclose(image * 255, np.round(image * 255), atol=1e-3)
+    assert params["model"] == model.name
 
 
-def test_same_seed_same_output_and_different_seed_differs():
-    image = smooth_image(33, 47)
-    first, first_params = synthesize_camera_noise(image, np.random.default_rng(11))
-    again, again_params = synthesize_camera_noise(image, np.random.default_rng(11))
-    other, _ = synthesize_camera_noise(image, np.random.default_rng(12))
-    np.testing.assert_array_equal(first, again)
-    assert first_params == again_params
-    assert not np.array_equal(first, other)
+@settings(max_examples=20, deadline=None)
+@given(seed=seeds, model=models)
+def test_a_seed_reproduces_the_pair_and_another_seed_differs(seed, model):
+    rgb = smooth_image()
+    first = synthesize_pair(rgb, np.random.default_rng(seed), model=model)
+    again = synthesize_pair(rgb, np.random.default_rng(seed), model=model)
+    other = synthesize_pair(rgb, np.random.default_rng(seed + 1), model=model)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert first[2] == again[2] and first[2] != other[2]
+    assert not np.array_equal(first[1], other[1])
 
 
-def test_synthesized_noise_is_visible_and_brighter_areas_are_noisier():
-    camera = sample_camera_params(np.random.default_rng(0))
-    params = dataclasses.replace(camera, shot_noise=0.01, read_noise=1e-5)
-    raw_noise_std = []
-    for level in (0.1, 0.6):
-        flat = np.full((64, 64, 3), level, np.float32)
-        noisy, _ = synthesize_camera_noise(flat, np.random.default_rng(1), params)
-        raw_noise_std.append((unprocess(noisy, params) - unprocess(flat, params)).std())
-    assert 0 < raw_noise_std[0] < raw_noise_std[1]
+def test_synthesize_and_synthesize_test_pair_are_the_pair_function_with_a_model():
+    rgb = smooth_image()
+    noisy, params = synthesize(rgb, np.random.default_rng(3))
+    np.testing.assert_array_equal(noisy, synthesize_pair(rgb, np.random.default_rng(3))[1])
+    test = synthesize_test_pair(rgb, np.random.default_rng(3))
+    assert params["model"] == "train" and test[2]["model"] == "test"
 
 
-def test_params_record_as_plain_values():
-    record = sample_camera_params(np.random.default_rng(0)).as_dict()
-    assert set(record) == {"rgb_to_camera", "rgb_gain", "red_gain", "blue_gain", "shot_noise", "read_noise"}
-    assert all(isinstance(v, float) for k, v in record.items() if k != "rgb_to_camera")
+@settings(max_examples=20, deadline=None)
+@given(seed=seeds, model=models)
+def test_noise_grows_with_the_shot_noise(seed, model):
+    """Same camera, same random stream, four times the shot noise: more noise in sRGB."""
+    rgb = np.full((48, 48, 3), 0.45, np.float32)
+    params = quiet(sample_camera(np.random.default_rng(seed), model))
+    levels = []
+    for shot in (1e-3, 4e-3, 1.6e-2):
+        target, noisy, _ = synthesize_pair(rgb, np.random.default_rng(seed), quiet(params, shot_noise=shot))
+        levels.append(float(np.std(noisy - target)))
+    assert levels[0] < levels[1] < levels[2]
 
 
-def test_synthesized_pair_differs_by_noise_only():
-    """Zero noise makes the two sides identical: the target went through the same camera."""
-    from pipeline.noise import synthesize_pair
+@settings(max_examples=20, deadline=None)
+@given(seed=seeds, model=models)
+def test_noiseless_camera_round_trip_returns_the_photo(seed, model):
+    rgb = smooth_image()
+    params = sample_camera(np.random.default_rng(seed), model)
+    back = process(unprocess(rgb, params), params)
+    assert np.abs(back - rgb)[2:-2, 2:-2].max() < 0.02  # demosaic of a smooth image
 
-    rng = np.random.default_rng(3)
-    rgb = rng.random((33, 41, 3), dtype=np.float32)
-    params = sample_camera_params(np.random.default_rng(4))
-    quiet = dataclasses.replace(params, shot_noise=0.0, read_noise=0.0)
-    target, noisy, _ = synthesize_pair(rgb, rng, quiet)
-    assert target.shape == noisy.shape == rgb.shape
-    np.testing.assert_allclose(target, noisy, atol=1e-6)
-    target, noisy, _ = synthesize_pair(rgb, np.random.default_rng(5), params)
-    assert np.abs(noisy - target).mean() > 1e-3
+
+@settings(max_examples=30, deadline=None)
+@given(seed=seeds, model=models, value=st.floats(0.0, 1.0))
+def test_decode_inverts_encode(seed, model, value):
+    params = sample_camera(np.random.default_rng(seed), model)
+    linear = np.array([value, value**2, value**3], np.float32)
+    np.testing.assert_allclose(decode(encode(linear, params), params), linear, atol=2e-3)
+
+
+@pytest.mark.parametrize("method", sorted(DEMOSAIC_METHODS))
+def test_every_demosaic_keeps_measured_samples_and_reproduces_flat_and_ramp_images(method):
+    y, x = np.mgrid[0:16, 0:20].astype(np.float32)
+    flat = np.ones((16, 20, 3), np.float32) * np.array([0.2, 0.5, 0.7], np.float32)
+    ramp = np.stack([0.01 * x + 0.02 * y + 0.1] * 3, axis=-1)
+    for image in (flat, ramp):
+        out = demosaic(mosaic(image), method)
+        assert out.shape == image.shape and out.dtype == np.float32
+        np.testing.assert_allclose(out[3:-3, 3:-3], image[3:-3, 3:-3], atol=1e-5)
+    bayer = np.random.default_rng(0).uniform(0, 1, (8, 8)).astype(np.float32)
+    np.testing.assert_allclose(mosaic(demosaic(bayer, method)), bayer, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown demosaic method"):
+        demosaic(bayer, "nearest")
+
+
+def test_mosaic_rejects_odd_sizes():
+    with pytest.raises(ValueError, match="even height and width"):
+        mosaic(np.zeros((5, 6, 3), np.float32))
+
+
+@pytest.mark.parametrize(("tails", "shape"), [("tukey", -0.25), ("tukey", 0.0), ("tukey", 0.14), ("student", 4.0)])
+def test_read_noise_tails_have_unit_variance_and_the_heavier_ones_more_kurtosis(tails, shape):
+    samples = heavy_tailed(np.random.default_rng(0), (400_000,), tails, shape).astype(np.float64)
+    assert abs(samples.mean()) < 0.01 and abs(samples.var() - 1) < 0.05
+    kurtosis = np.mean(samples**4)
+    assert kurtosis > 3.2 if (tails == "student" or shape < 0.1) else abs(kurtosis - 3) < 0.3
+
+
+def test_raw_noise_has_the_models_variance_and_sits_on_the_adc_grid():
+    params = {"shot_noise": 1e-3, "read_noise": 4e-5, "tails": "tukey", "tail_shape": 0.0,
+              "banding": "rows", "banding_ratio": 0.02, "adc_bits": 12}
+    raw = np.full((256, 256), 0.3, np.float32)
+    noisy = add_raw_noise(raw, params, np.random.default_rng(0))
+    expected = 1e-3 * 0.3 + 4e-5 * (1 + 0.02**2) + (1 / 4095) ** 2 / 12
+    assert abs(noisy.var() / expected - 1) < 0.05
+    np.testing.assert_allclose(noisy * 4095, np.round(noisy * 4095), atol=1e-2)
+
+
+@pytest.mark.parametrize("banding", ["rows", "columns"])
+def test_banding_runs_along_its_direction(banding):
+    params = {"shot_noise": 1e-6, "read_noise": 1e-4, "tails": "student", "tail_shape": 5.0,
+              "banding": banding, "banding_ratio": 1.0, "adc_bits": 14}
+    raw = np.full((128, 128), 0.3, np.float32)
+    noise = add_raw_noise(raw, params, np.random.default_rng(1)) - raw
+    along_rows, along_columns = noise.mean(axis=1).var(), noise.mean(axis=0).var()
+    assert (along_rows > 10 * along_columns) if banding == "rows" else (along_columns > 10 * along_rows)
+
+
+def test_inputs_are_never_modified():
+    rgb = smooth_image()
+    copy = rgb.copy()
+    synthesize_pair(rgb, np.random.default_rng(0))
+    np.testing.assert_array_equal(rgb, copy)
+
+
+def test_a_bad_image_shape_is_one_clear_error():
+    with pytest.raises(ValueError, match="expected H x W x 3"):
+        synthesize_pair(np.zeros((8, 8)), np.random.default_rng(0))
+
+
+def test_model_ranges_are_plain_data_for_the_card():
+    import json
+
+    ranges = json.loads(json.dumps(TRAIN_CAMERA.ranges()))
+    assert ranges["shot"] == list(TRAIN_CAMERA.shot) and ranges["demosaic"] == ["bilinear", "malvar"]
+    params = json.loads(json.dumps(sample_camera(np.random.default_rng(0))))
+    assert set(params) >= {"shot_noise", "read_noise", "demosaic", "jpeg_quality", "rgb_to_camera"}
