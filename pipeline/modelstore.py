@@ -158,26 +158,60 @@ def load_denoiser(uri: str = DEFAULT_MODEL_URI, settings: Settings | None = None
     return Denoiser(model=model.eval(), T=meta["T"], uri=uri, name=name, version=version)
 
 
+#: Run params that must agree before two runs' val_psnr say anything about each other:
+#: the data (by content) and how validation scored it.
+COMPARABLE_PARAMS = ("dataset_hash", "validation.sampler", "validation.sampler_steps", "validation.crop",
+                     "validation.limit")
+
+
+def comparability_problem(candidate: dict, current: dict, *, keys=COMPARABLE_PARAMS) -> str | None:
+    """Why two runs' params make their scores incomparable, or None when they agree on ``keys``."""
+    # "None" is a real setting for validation.crop/limit (whole images, all pairs), not for the hash.
+    unknown = [k for k in keys if k not in candidate or k not in current
+               or (k == "dataset_hash" and "None" in (str(candidate[k]), str(current[k])))]
+    if unknown:
+        return f"{', '.join(unknown)} not recorded on both runs"
+    differ = [f"{k} {current[k]} -> {candidate[k]}" for k in keys if candidate[k] != current[k]]
+    return f"measured differently ({'; '.join(differ)})" if differ else None
+
+
 def promote(name: str, version: str | int, *, metric: str = "val_psnr", alias: str = "champion",
             settings: Settings | None = None) -> dict:
-    """Move ``alias`` to ``version`` only if its run's ``metric`` beats the current holder's."""
+    """Move ``alias`` to ``version`` only if its run's ``metric`` beats the current holder's, measured
+    the same way (same dataset hash and validation settings); otherwise the alias stays and
+    ``reason`` says why."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient((settings or Settings()).mlflow_uri)
 
-    def score(mv) -> float | None:
-        return client.get_run(mv.run_id).data.metrics.get(metric) if mv.run_id else None
+    def run_of(mv):
+        return client.get_run(mv.run_id) if mv.run_id else None
 
     candidate = client.get_model_version(name, str(version))
-    new = score(candidate)
+    candidate_run = run_of(candidate)
+    new = candidate_run.data.metrics.get(metric) if candidate_run else None
     try:
         current = client.get_model_version_by_alias(name, alias)
-        old, old_version = score(current), current.version
     except MlflowException:
-        old, old_version = None, None
-    promoted = new is not None and (old is None or new > old)
+        current = None
+    current_run = run_of(current) if current else None
+    old = current_run.data.metrics.get(metric) if current_run else None
+    old_version = current.version if current else None
+
+    reason = None
+    if new is None:
+        reason = f"version {version} has no {metric}"
+    elif current is not None and str(current.version) == str(version):
+        reason = f"version {version} already is {alias}"
+    elif current is not None:
+        problem = comparability_problem(candidate_run.data.params, current_run.data.params if current_run else {})
+        if problem:
+            reason = f"{metric} of version {version} and version {old_version} are not comparable: {problem}"
+        elif old is not None and new <= old:
+            reason = f"{metric} {new:.4f} does not beat {old:.4f}"
+    promoted = reason is None
     if promoted:
         client.set_registered_model_alias(name, alias, str(version))
     return {"promoted": promoted, "alias": alias, "metric": metric, "candidate_version": str(version),
-            "candidate_score": new, "previous_version": old_version, "previous_score": old}
+            "candidate_score": new, "previous_version": old_version, "previous_score": old, "reason": reason}

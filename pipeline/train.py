@@ -551,7 +551,7 @@ def register(config: TrainConfig, settings: Settings, checkpoint, *, run_id: str
                 mlflow.log_metrics(scores)
                 previous = (f"version {decision['previous_version']} at {decision['previous_score']:.2f} dB"
                             if decision["previous_score"] is not None else "no champion yet")
-                verdict = "now champion" if decision["promoted"] else "champion unchanged"
+                verdict = "now champion" if decision["promoted"] else f"champion unchanged: {decision['reason']}"
                 log(f"promotion: version {version} at {decision['candidate_score'] or float('nan'):.2f} dB vs "
                     f"{previous}: {verdict}")
                 out["promotion"] = decision

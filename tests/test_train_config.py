@@ -219,3 +219,16 @@ def test_an_epoch_without_a_batch_fails_instead_of_spinning():
             for _ in nonempty_epoch(iter([]), rank=1, batch_size=8):
                 pass
     assert epochs == 1
+
+
+def test_scores_are_comparable_only_when_measured_the_same_way():
+    from pipeline.modelstore import comparability_problem
+
+    base = {"dataset_hash": "abc", "validation.sampler": "improved", "validation.sampler_steps": "10",
+            "validation.crop": "128", "validation.limit": "None", "optimizer.lr": "0.001"}
+    assert comparability_problem({**base, "optimizer.lr": "0.0003"}, base) is None  # training settings may differ
+    assert comparability_problem({**base, "dataset_hash": "xyz", "validation.crop": "256"}, base) == (
+        "measured differently (dataset_hash abc -> xyz; validation.crop 128 -> 256)")
+    assert comparability_problem({**base, "dataset_hash": "None"}, base) == "dataset_hash not recorded on both runs"
+    older = {k: v for k, v in base.items() if k != "validation.limit"}
+    assert comparability_problem(base, older) == "validation.limit not recorded on both runs"

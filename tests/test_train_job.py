@@ -203,3 +203,47 @@ def test_missing_dataset_or_mlflow_is_a_clear_error_before_ray(tmp_path, setting
     write_json(s3_prefix, "dataset.json", {"counts": {"train": 0, "val": 2}}, settings)
     with pytest.raises(DatasetError, match=r"has no 'train' pairs"):
         check_dataset(load_config(config), settings)
+
+
+def test_promotion_compares_only_runs_measured_alike(settings):
+    """A higher val_psnr on other data or other validation settings does not take the champion alias."""
+    import mlflow
+
+    from pipeline.modelstore import promote
+
+    client = mlflow.MlflowClient(settings.mlflow_uri)
+    experiment = client.get_experiment_by_name("tests-train")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("tests-train")
+    name = f"test-promote-{uuid.uuid4().hex[:8]}"
+    client.create_registered_model(name)
+    same = {"dataset_hash": "h1", "validation.sampler": "improved", "validation.sampler_steps": "10",
+            "validation.crop": "128", "validation.limit": "8"}
+
+    def version(score: float, **params) -> str:
+        run = client.create_run(experiment_id)
+        for key, value in {**same, **params}.items():
+            client.log_param(run.info.run_id, key, value)
+        client.log_metric(run.info.run_id, "val_psnr", score)
+        client.set_terminated(run.info.run_id)
+        mv = client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+        client.set_registered_model_alias(name, "candidate", mv.version)
+        return str(mv.version)
+
+    try:
+        first = version(25.0)
+        assert promote(name, first, settings=settings)["promoted"]  # no champion yet
+        other_data = version(30.0, dataset_hash="h2")
+        decision = promote(name, other_data, settings=settings)
+        assert not decision["promoted"] and decision["previous_version"] == first
+        assert "not comparable: measured differently (dataset_hash h1 -> h2)" in decision["reason"]
+        assert client.get_model_version_by_alias(name, "champion").version == first
+        assert client.get_model_version_by_alias(name, "candidate").version == other_data  # stays candidate
+        other_crop = version(31.0, **{"validation.crop": "256"})
+        assert "validation.crop 128 -> 256" in promote(name, other_crop, settings=settings)["reason"]
+        worse = version(24.0)
+        assert promote(name, worse, settings=settings)["reason"] == "val_psnr 24.0000 does not beat 25.0000"
+        better = version(26.0)
+        assert promote(name, better, settings=settings)["promoted"]
+        assert client.get_model_version_by_alias(name, "champion").version == better
+    finally:
+        client.delete_registered_model(name)
