@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "PRESETS", "UNet", "build_model", "model_stats"]
+__all__ = ["BLOCKS", "ModelConfig", "NAFBlock", "PRESETS", "ResBlock", "UNet", "build_model", "model_stats"]
+
+#: Block types of the UNet: ``res`` (pre-norm ResBlock, SiLU) or ``naf`` (NAFNet's gated block).
+BLOCKS = ("res", "naf")
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,18 @@ class ModelConfig:
     in_channels: int = 3
     attention_heads: int = 4
     time_scale: float = 1000.0  # spreads t/T over the sinusoid frequencies
+    # Added after the first checkpoints: their configs lack these keys and load with the defaults,
+    # which rebuild exactly the network they were trained with.
+    block: str = "res"
+    pool_window: int = 64  # naf: side of the local mean of its channel attention, in full-resolution pixels
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; the dataclass must stay hashable and comparable.
         object.__setattr__(self, "channel_mults", tuple(int(m) for m in self.channel_mults))
-        if self.width < 1 or self.in_channels < 1 or self.blocks_per_level < 1:
-            raise ValueError(f"width, in_channels and blocks_per_level must be >= 1: {self}")
+        if self.width < 1 or self.in_channels < 1 or self.blocks_per_level < 1 or self.pool_window < 1:
+            raise ValueError(f"width, in_channels, blocks_per_level and pool_window must be >= 1: {self}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"unknown block {self.block!r}; choose from {BLOCKS}")
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ValueError(f"channel_mults must be non-empty positive ints: {self.channel_mults}")
 
@@ -118,6 +127,71 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
+def local_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean of each channel over a window x window box that stays inside the image.
+
+    The box is shifted inward at the borders, so on an image no larger than the
+    window it is the global mean (what NAFNet's channel attention sees on a
+    training patch) and on a large photo it is a mean over a patch-sized
+    neighbourhood: the train/test statistics match (Chu et al. 2022, "TLC"),
+    and a pixel's output does not depend on far-away content, so tiled and
+    whole-image inference agree away from tile borders. Summed-area table, O(HW).
+    """
+    h, w = x.shape[-2:]
+    if h <= window and w <= window:  # a training patch: the box is the whole image
+        return x.mean(dim=(2, 3), keepdim=True)
+    out = x.double()
+    for dim, side in ((2, h), (3, w)):  # separable: a box sum along H, then along W
+        size = min(window, side)
+        start = (torch.arange(side, device=x.device) - size // 2).clamp(0, side - size)
+        table = F.pad(out.cumsum(dim), (0, 0, 1, 0) if dim == 2 else (1, 0))
+        out = table.index_select(dim, start + size) - table.index_select(dim, start)
+        out = out / size
+    return out.to(x.dtype)
+
+
+class NAFBlock(nn.Module):
+    """NAFNet's block (Chen et al. 2022, "Simple Baselines for Image Restoration"), time-conditioned.
+
+    No nonlinear activation: a SimpleGate (one half of the channels times the
+    other) after a depthwise conv, a simplified channel attention (a 1x1 conv
+    of the local channel means, multiplied in), then a gated 1x1 feed-forward;
+    LayerNorm over channels before each half and learnt residual scales that
+    start at zero. The time embedding is added after the first 1x1 conv. A 1x1
+    conv adapts the width when ``in_ch != out_ch`` (skip joins in the decoder).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, pool_window: int) -> None:
+        super().__init__()
+        c = out_ch
+        self.pool_window = pool_window
+        self.skip = nn.Conv2d(in_ch, c, 1) if in_ch != c else nn.Identity()
+        self.norm1 = ChannelNorm(c)
+        self.conv1 = nn.Conv2d(c, 2 * c, 1)
+        self.time = nn.Linear(time_dim, 2 * c)
+        self.dwconv = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.attention = nn.Conv2d(c, c, 1)
+        self.conv2 = nn.Conv2d(c, c, 1)
+        self.norm2 = ChannelNorm(c)
+        self.ffn1 = nn.Conv2d(c, 2 * c, 1)
+        self.ffn2 = nn.Conv2d(c, c, 1)
+        self.beta = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
+
+    @staticmethod
+    def gate(x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return a * b
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = self.skip(x)
+        h = self.conv1(self.norm1(x)) + self.time(emb)[:, :, None, None]
+        h = self.gate(self.dwconv(h))
+        h = h * self.attention(local_mean(h, self.pool_window))
+        x = x + self.beta * self.conv2(h)
+        return x + self.gamma * self.ffn2(self.gate(self.ffn1(self.norm2(x))))
+
+
 class SelfAttention(nn.Module):
     """Global multi-head self-attention; only affordable at the lowest resolution."""
 
@@ -172,18 +246,24 @@ class UNet(nn.Module):
         self.down_blocks = nn.ModuleList()
         self.downsamples = nn.ModuleList()
         ch = c.width
+        def block(in_ch: int, out_ch: int, level: int) -> nn.Module:
+            if c.block == "naf":
+                return NAFBlock(in_ch, out_ch, time_dim, pool_window=max(1, c.pool_window >> level))
+            return ResBlock(in_ch, out_ch, time_dim)
+
+        lowest = len(chans) - 1
         for level, out_ch in enumerate(chans):
             blocks = nn.ModuleList()
             for _ in range(c.blocks_per_level):
-                blocks.append(ResBlock(ch, out_ch, time_dim))
+                blocks.append(block(ch, out_ch, level))
                 ch = out_ch
             self.down_blocks.append(blocks)
             last = level == len(chans) - 1
             self.downsamples.append(nn.Identity() if last else nn.Conv2d(ch, ch, 3, stride=2, padding=1))
 
-        self.mid1 = ResBlock(ch, ch, time_dim)
+        self.mid1 = block(ch, ch, lowest)
         self.mid_attn = SelfAttention(ch, c.attention_heads) if c.attention else nn.Identity()
-        self.mid2 = ResBlock(ch, ch, time_dim)
+        self.mid2 = block(ch, ch, lowest)
 
         self.up_blocks = nn.ModuleList()
         self.upsamples = nn.ModuleList()
@@ -192,7 +272,7 @@ class UNet(nn.Module):
             blocks = nn.ModuleList()
             for i in range(c.blocks_per_level):
                 skip_ch = chans[level] if i == 0 else 0  # one skip per level, joined at its first block
-                blocks.append(ResBlock(ch + skip_ch, out_ch, time_dim))
+                blocks.append(block(ch + skip_ch, out_ch, level))
                 ch = out_ch
             self.up_blocks.append(blocks)
             if level > 0:  # the conv after upsampling already narrows to the next level's width
@@ -231,7 +311,8 @@ class UNet(nn.Module):
             if not isinstance(up, nn.Identity):
                 hcur = up(F.interpolate(hcur, scale_factor=2.0, mode="nearest"))
 
-        residual = self.out_conv(F.silu(self.out_norm(hcur)))
+        hcur = self.out_norm(hcur)
+        residual = self.out_conv(hcur if self.config.block == "naf" else F.silu(hcur))
         return x + residual[:, :, :h, :w]
 
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pipeline.model import PRESETS, ModelConfig, ResBlock, UNet, build_model, model_stats
+from pipeline.model import PRESETS, ModelConfig, NAFBlock, ResBlock, UNet, build_model, local_mean, model_stats
 
 
 def randomise_output(model: UNet, std: float = 0.05) -> UNet:
@@ -127,3 +127,74 @@ def test_model_stats_leaves_the_model_untouched():
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, nn.Module) and m._forward_hooks for m in model.modules())
+
+
+def brute_local_mean(x: torch.Tensor, window: int) -> torch.Tensor:
+    """The definition: the mean over a window x window box shifted inside the image."""
+    _, _, h, w = x.shape
+    wh, ww = min(window, h), min(window, w)
+    out = torch.empty_like(x)
+    for i in range(h):
+        y0 = min(max(i - wh // 2, 0), h - wh)
+        for j in range(w):
+            x0 = min(max(j - ww // 2, 0), w - ww)
+            out[:, :, i, j] = x[:, :, y0:y0 + wh, x0:x0 + ww].mean(dim=(2, 3))
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(h=st.integers(1, 20), w=st.integers(1, 20), window=st.integers(1, 24))
+def test_local_mean_is_the_mean_over_a_box_inside_the_image(h, w, window):
+    x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h * 100 + w))
+    out = local_mean(x, window)
+    assert torch.allclose(out.expand_as(x), brute_local_mean(x, window), atol=1e-5)
+    if h <= window and w <= window:  # a training patch: NAFNet's global mean
+        assert out.shape == (2, 3, 1, 1)
+
+
+def test_old_checkpoint_configs_load_as_resblock_unets():
+    old = {"width": 16, "channel_mults": [1, 2, 4, 8], "blocks_per_level": 1, "attention": False,
+           "in_channels": 3, "attention_heads": 4, "time_scale": 1000.0}
+    config = ModelConfig.from_dict(old)
+    assert config.block == "res"
+    model = UNet(config)
+    assert any(isinstance(m, ResBlock) for m in model.modules())
+    assert not any(isinstance(m, NAFBlock) for m in model.modules())
+    with pytest.raises(ValueError, match="unknown block"):
+        ModelConfig(block="transformer")
+
+
+def test_naf_unet_starts_as_identity_and_time_reaches_every_block():
+    torch.manual_seed(0)
+    model = UNet(width=8, channel_mults=(1, 2), block="naf")
+    x = torch.rand(2, 3, 20, 12)
+    assert torch.equal(model(x, torch.rand(2)), x)
+    randomise_output(model)
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, NAFBlock):
+                block.beta.normal_(0.0, 0.5)
+                block.gamma.normal_(0.0, 0.5)
+    model(x, torch.tensor([0.1, 0.9])).square().sum().backward()
+    blocks = [m for m in model.modules() if isinstance(m, NAFBlock)]
+    assert len(blocks) == 2 * len(model.config.channel_mults) + 2
+    assert all(b.time.weight.grad.abs().sum() > 0 for b in blocks)
+    with torch.no_grad():
+        assert not torch.allclose(model(x, torch.zeros(2)), model(x, torch.ones(2)))
+
+
+def test_naf_output_far_from_a_change_ignores_it():
+    """Local channel statistics: a pixel does not see content beyond its receptive field and pool window."""
+    torch.manual_seed(0)
+    model = randomise_output(UNet(width=8, channel_mults=(1, 2), block="naf", pool_window=8))
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, NAFBlock):
+                block.beta.fill_(1.0)
+                block.gamma.fill_(1.0)
+        x = torch.rand(1, 3, 16, 96)
+        changed = x.clone()
+        changed[..., 80:] = torch.rand(1, 3, 16, 16)
+        a, b = model(x, 0.5), model(changed, 0.5)
+    assert torch.allclose(a[..., :24], b[..., :24])
+    assert not torch.allclose(a[..., 80:], b[..., 80:])
