@@ -19,8 +19,15 @@ so, starting at x_T = y, the result is
 
 a weighted mean of the K predictions with weights dt_k / T that sum to one
 (an exact mean when K divides T). ``origin`` instead returns the last
-prediction alone. With a perfect denoiser every sampler returns x0 exactly,
-and with K = 1 every sampler is ``direct``.
+prediction alone. ``indi`` (the update of Delbracio & Milanfar's InDI)
+re-estimates the noisy endpoint from x_t instead of using y,
+y_hat = (x_t - (1 - t/T) x0_hat) / (t/T), and moves to D(x0_hat, y_hat, t'):
+
+    x_{t'} = (t'/t) * x_t + (1 - t'/t) * x0_hat
+
+(docs/method.md derives what that does to the noise in x_t). With a perfect
+denoiser every sampler returns x0 exactly, and with K = 1 every sampler is
+``direct``.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ __all__ = [
     "reconstruction_loss",
     "sample",
     "sample_timesteps",
+    "time_weights",
     "timestep_schedule",
     "training_loss",
 ]
@@ -48,7 +56,7 @@ __all__ = [
 #: Anything with the UNet's signature: (x_t, t/T as a (B,) float tensor) -> x0_hat.
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-SAMPLERS = ("origin", "improved", "direct")
+SAMPLERS = ("origin", "improved", "indi", "direct")
 
 #: K when a caller gives none. ``improved`` gains little past it (docs/method.md: 29.93 dB at
 #: K = 10, 29.97 at 20) and every step is one model call; K = T would be T calls per image.
@@ -91,6 +99,22 @@ def sample_timesteps(
             raise ValueError(f"weights must be {T} non-negative numbers with a positive sum")
         t = torch.multinomial(weights, batch, replacement=True, generator=generator) + 1
     return t.to(device) if device is not None else t
+
+
+def time_weights(T: int, *, at_T: float = 0.0) -> torch.Tensor | None:
+    """Weights for ``sample_timesteps``: a share ``at_T`` of the draws at t = T, the rest uniform on 1..T.
+
+    Every sampler's first call, and ``direct``'s only one, is at t = T, where the
+    input is the photo itself; uniform times give that point 1/T of the training.
+    None (plain uniform) when ``at_T`` is 0.
+    """
+    if not 0.0 <= at_T <= 1.0:
+        raise ValueError(f"at_T must be in [0, 1], got {at_T}")
+    if at_T == 0.0:
+        return None
+    weights = torch.full((T,), (1.0 - at_T) / T, dtype=torch.float64)
+    weights[-1] += at_T
+    return weights
 
 
 def reconstruction_loss(
@@ -175,6 +199,8 @@ def sample(
         x0_hat = predict(x, t)
         if sampler == "improved":
             x = x - degrade(x0_hat, y, t, T=T) + degrade(x0_hat, y, t_next, T=T)
+        elif sampler == "indi":
+            x = interpolate(x0_hat, x, t_next / t)
         else:  # origin, and direct as its one-step case
             x = degrade(x0_hat, y, t_next, T=T)
     return x
