@@ -27,10 +27,25 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class NoiseSection(Section):
+    """Camera noise synthesized by the reader for clean photos (pipeline/noise.py)."""
+
+    model: Literal["train"] = Field("train", description="camera model the noise is drawn from; the held-out "
+                                    "'test' camera is never trained on")
+    seed: int | None = Field(None, description="fixed noise (same noise for the same crop); null = new noise "
+                             "on every read")
+
+
 class DataConfig(Section):
     patch_size: int = Field(64, ge=8, description="side of the square training crops")
     crops_per_image: int = Field(8, ge=1, description="random aligned crops per training pair and epoch")
     seed: int | None = Field(None, description="fixed crop stream (same patches every epoch); null = fresh crops")
+    noise: NoiseSection = NoiseSection()
+    synthetic: str | None = Field(None, description="a dataset of clean photos (ingest --noise fresh) mixed into "
+                                  "training with fresh camera noise on every crop")
+    synthetic_weight: float = Field(0.5, ge=0, le=1, description="share of training patches from data.synthetic")
+    shuffle_buffer: int = Field(0, ge=0, description="patches in each worker's local shuffle buffer (0: off); "
+                                "mixes crops of different photos and datasets into one batch")
 
 
 class ModelSection(Section):

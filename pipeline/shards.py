@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 
 import numpy as np
@@ -110,60 +111,121 @@ def _pad_to(image: np.ndarray, size: int) -> np.ndarray:
     return np.pad(image, ((0, max(0, size - h)), (0, max(0, size - w)), (0, 0)), mode="reflect")
 
 
+def _crop_window(h: int, w: int, patch_size: int, rng: np.random.Generator) -> tuple[int, int, int, bool]:
+    """Offset, 90-degree turns and flip of one random patch."""
+    y, x = int(rng.integers(0, h - patch_size + 1)), int(rng.integers(0, w - patch_size + 1))
+    return y, x, int(rng.integers(4)), bool(rng.integers(2))
+
+
+def _cut(image: np.ndarray, window: tuple[int, int, int, bool], patch_size: int) -> np.ndarray:
+    y, x, k, flip = window
+    patch = np.rot90(image[y:y + patch_size, x:x + patch_size], k)
+    return patch[:, ::-1] if flip else patch
+
+
 def aligned_crops(clean: np.ndarray, noisy: np.ndarray, *, patch_size: int, crops: int,
                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``crops`` random patches cut at the same offsets from both images, then the same
     random flip / 90-degree rotation applied to both: (crops, 3, P, P) float32 each."""
     clean, noisy = _pad_to(clean, patch_size), _pad_to(noisy, patch_size)
-    h, w = clean.shape[:2]
-    out_clean, out_noisy = [], []
+    windows = [_crop_window(*clean.shape[:2], patch_size, rng) for _ in range(crops)]
+    return (np.stack([_to_chw(_cut(clean, w, patch_size)) for w in windows]),
+            np.stack([_to_chw(_cut(noisy, w, patch_size)) for w in windows]))
+
+
+def fresh_noise_crops(clean: np.ndarray, *, key: str, patch_size: int, crops: int, rng: np.random.Generator,
+                      noise_seed: int | None, model: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """``crops`` random patches of a clean photo, each given new camera noise after its flip or
+    rotation (so the Bayer pattern stays in sensor orientation): (target, noisy), (crops, 3, P, P).
+
+    ``noise_seed=None`` draws new noise every call; a fixed seed gives the same noise for the
+    same crop (key, offset, rotation, flip), whatever batch or epoch it lands in.
+    """
+    from pipeline.noise import camera_model, synthesize_pair
+
+    camera = camera_model(model)
+    clean = _pad_to(clean, patch_size)
+    key_seed = _key_digest(key)
+    fresh = np.random.default_rng() if noise_seed is None else None  # not the crop stream: new noise always
+    targets, noisies = [], []
     for _ in range(crops):
-        y, x = rng.integers(0, h - patch_size + 1), rng.integers(0, w - patch_size + 1)
-        a = clean[y:y + patch_size, x:x + patch_size]
-        b = noisy[y:y + patch_size, x:x + patch_size]
-        k, flip = int(rng.integers(4)), bool(rng.integers(2))
-        a, b = np.rot90(a, k), np.rot90(b, k)
-        if flip:
-            a, b = a[:, ::-1], b[:, ::-1]
-        out_clean.append(_to_chw(a))
-        out_noisy.append(_to_chw(b))
-    return np.stack(out_clean), np.stack(out_noisy)
+        window = _crop_window(*clean.shape[:2], patch_size, rng)
+        noise_rng = fresh if fresh is not None else np.random.default_rng([noise_seed, key_seed, *window[:3], int(window[3])])
+        target, noisy, _ = synthesize_pair(np.ascontiguousarray(_cut(clean, window, patch_size)), noise_rng,
+                                           model=camera)
+        targets.append(_to_chw(target))
+        noisies.append(_to_chw(noisy))
+    return np.stack(targets), np.stack(noisies)
 
 
-def random_crops(batch: dict, *, patch_size: int, crops_per_image: int, seed: int | None) -> dict:
+def _key_digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+def random_crops(batch: dict, *, patch_size: int, crops_per_image: int, seed: int | None,
+                 noise_seed: int | None = None, noise_model: str = "train") -> dict:
     """map_batches function: decode PNGs, cut aligned patches. ``seed=None`` gives new
     patches every epoch; a fixed seed repeats the same stream (for tests and benchmarks).
 
-    A plain function, not a callable class: ``_shard_patches`` calls it inside the one reader
-    task per shard, where a class would need an actor pool started (one actor first) every epoch.
+    A row without a noisy side (a clean photo, ingested with ``--noise fresh``) gets camera
+    noise synthesized here, on each crop, with a new camera every time unless ``noise_seed``
+    is fixed. The output is the same either way: {"clean", "noisy"} (N, 3, P, P) float32.
+
+    A plain function, not a callable class: Ray Data runs it as tasks fused with the
+    Parquet read, where a class would start an actor pool (one actor first) every epoch.
     """
     keys = [str(k) for k in batch["key"]]
-    digest = hashlib.blake2b("\0".join(keys).encode(), digest_size=8).digest()
-    entropy = None if seed is None else [seed, int.from_bytes(digest, "big")]
+    entropy = None if seed is None else [seed, _key_digest("\0".join(keys))]
     rng = np.random.default_rng(entropy)
     cleans, noisies = [], []
-    for clean_png, noisy_png in zip(batch["clean"], batch["noisy"]):
-        c, n = aligned_crops(decode_png_float(clean_png), decode_png_float(noisy_png),
-                             patch_size=patch_size, crops=crops_per_image, rng=rng)
+    for key, clean_png, noisy_png in zip(keys, batch["clean"], batch["noisy"]):
+        if noisy_png is None:
+            c, n = fresh_noise_crops(decode_png_float(clean_png), key=key, patch_size=patch_size,
+                                     crops=crops_per_image, rng=rng, noise_seed=noise_seed, model=noise_model)
+        else:
+            c, n = aligned_crops(decode_png_float(clean_png), decode_png_float(noisy_png),
+                                 patch_size=patch_size, crops=crops_per_image, rng=rng)
         cleans.append(c)
         noisies.append(n)
     return {"clean": np.concatenate(cleans), "noisy": np.concatenate(noisies)}
 
 
-def _shard_patches(batch: dict, *, dataset_uri: str, settings: Settings, batch_size: int, **crop_args):
-    """map_batches generator over shard paths: read each shard, yield patches ``batch_size`` pairs at a time."""
-    fs, _ = arrow_fs_for(dataset_uri, settings)
-    for path in batch["path"]:
-        table = pq.read_table(path, filesystem=fs, columns=["key", "clean", "noisy"])
+def _shard_patches(batch: dict, *, settings: Settings, batch_size: int, **crop_args):
+    """map_batches generator over shard items: read each shard, yield patches ``batch_size`` pairs at a time."""
+    for uri, path, crops in zip(batch["uri"], batch["path"], batch["crops"]):
+        fs, _ = arrow_fs_for(str(uri), settings)
+        table = pq.read_table(str(path), filesystem=fs, columns=["key", "clean", "noisy"])
         for start in range(0, table.num_rows, batch_size):
             chunk = table.slice(start, batch_size)
-            yield random_crops({name: chunk.column(name).to_pylist() for name in chunk.column_names}, **crop_args)
+            yield random_crops({name: chunk.column(name).to_pylist() for name in chunk.column_names},
+                               crops_per_image=int(crops), **crop_args)
+
+
+def mix_crops(pairs: dict[str, int], weights: dict[str, float], crops_per_image: int) -> dict[str, int]:
+    """Crops per pair of each dataset so that dataset ``d`` gives a ``weights[d]`` share of the
+    patches of an epoch, and the epoch keeps the size of the first dataset's (pairs x crops).
+
+    A dataset with weight 0 gets 0 crops (it is not read).
+    """
+    if not pairs or any(n <= 0 for n in pairs.values()):
+        raise DatasetError(f"every mixed dataset needs training pairs, got {pairs}")
+    total_weight = sum(weights.values())
+    if total_weight <= 0:
+        raise DatasetError("the mixing weights sum to 0: nothing to train on")
+    epoch = next(iter(pairs.values())) * crops_per_image
+    return {uri: (max(1, round(epoch * weights[uri] / total_weight / n)) if weights[uri] > 0 else 0)
+            for uri, n in pairs.items()}
 
 
 def training_patches(dataset_uri: str, settings: Settings, *, patch_size: int, crops_per_image: int = 8,
                      split: str = "train", seed: int | None = None, batch_size: int = 4,
-                     num_cpus: float = 0.5):
+                     num_cpus: float = 0.5, noise_seed: int | None = None, noise_model: str = "train",
+                     synthetic: str | None = None, synthetic_weight: float = 0.5):
     """Streaming Ray Dataset of aligned random patches {"clean", "noisy"}: float32 (3,P,P) in [0,1].
+
+    Pairs with a noisy side are cropped as stored; clean photos get fresh camera noise per crop
+    (:func:`random_crops`). ``synthetic`` names a second dataset (of clean photos, usually) mixed
+    in so that it gives a ``synthetic_weight`` share of the patches (:func:`mix_crops`).
 
     One task per shard reads it with pyarrow and cuts its patches. Ray 2.60's
     ``read_parquet`` spent 15-25 s per epoch listing two known files on the local
@@ -173,11 +235,20 @@ def training_patches(dataset_uri: str, settings: Settings, *, patch_size: int, c
     """
     import ray.data
 
-    files = split_files(dataset_uri, split, settings)
-    crop_args = {"patch_size": patch_size, "crops_per_image": crops_per_image, "seed": seed}
-    return ray.data.from_items([{"path": path} for path in files], override_num_blocks=len(files)).map_batches(
+    crops = {dataset_uri: crops_per_image}
+    if synthetic is not None:
+        pairs = {uri: int((read_card(uri, settings).get("counts") or {}).get(split) or 0)
+                 for uri in (dataset_uri, synthetic)}
+        crops = mix_crops(pairs, {dataset_uri: 1.0 - synthetic_weight, synthetic: synthetic_weight},
+                          crops_per_image)
+    per_dataset = [[{"uri": uri, "path": path, "crops": n} for path in split_files(uri, split, settings)]
+                   for uri, n in crops.items() if n > 0]
+    # Interleaved, so both datasets are read from the start of every epoch.
+    items = [item for group in itertools.zip_longest(*per_dataset) for item in group if item is not None]
+    crop_args = {"patch_size": patch_size, "seed": seed, "noise_seed": noise_seed, "noise_model": noise_model}
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _shard_patches, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
-        fn_kwargs={"dataset_uri": dataset_uri, "settings": settings, "batch_size": batch_size, **crop_args})
+        fn_kwargs={"settings": settings, "batch_size": batch_size, **crop_args})
 
 
 def center_crop(image: np.ndarray, size: int | None) -> np.ndarray:
@@ -196,6 +267,10 @@ def validation_pairs(dataset_uri: str, settings: Settings, *, split: str = "val"
     for path in split_files(dataset_uri, split, settings):
         table = pq.read_table(path, filesystem=fs, columns=["key", "clean", "noisy"])
         for row in table.to_pylist():
+            if row["noisy"] is None:
+                raise DatasetError(f"{split} pair {row['key']} of {dataset_uri} has no noisy side (a clean photo "
+                                   f"for fresh noise); validation needs fixed pairs: ingest with --noise fresh "
+                                   f"(val pairs get fixed noise) or --noise camera")
             pairs.append({"key": row["key"],
                           "clean": center_crop(decode_png_float(row["clean"]), crop),
                           "noisy": center_crop(decode_png_float(row["noisy"]), crop)})

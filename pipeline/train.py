@@ -195,7 +195,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     clock = Clock(step, samples_per_step=config.train.batch_size * world, steady_after=config.train.log_every)
     while step < total:
         batches = shard.iter_torch_batches(batch_size=config.train.batch_size, dtypes=torch.float32,
-                                           device=device, drop_last=True)
+                                           device=device, drop_last=True,
+                                           local_shuffle_buffer_size=config.data.shuffle_buffer or None)
         for batch in clock.waiting(nonempty_epoch(batches, rank=rank, batch_size=config.train.batch_size)):
             with autocast:
                 loss = training_loss(ddp_model.train(), batch["clean"], batch["noisy"], T=config.diffusion.T,
@@ -477,7 +478,9 @@ def _fit(config: TrainConfig, settings: Settings, *, total: int, run_id: str, st
     data_context.enable_progress_bars = False
     data_context.print_on_execution_start = False
     patches = training_patches(config.dataset, settings, patch_size=config.data.patch_size,
-                               crops_per_image=config.data.crops_per_image, seed=config.data.seed)
+                               crops_per_image=config.data.crops_per_image, seed=config.data.seed,
+                               noise_seed=config.data.noise.seed, noise_model=config.data.noise.model,
+                               synthetic=config.data.synthetic, synthetic_weight=config.data.synthetic_weight)
     scaling = config.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
