@@ -1,23 +1,22 @@
-"""Nightly batch denoising: a Ray Data graph from an input prefix to denoised PNGs and a manifest.
+"""Nightly batch denoising: the Ray Data graph from an input prefix to denoised PNGs, and its model actor.
 
     list sources (driver) -> expand archives, checksum, skip done (tasks)
       -> decode (tasks) -> denoise (actor pool, model loaded once per actor, tiled sampler)
-      -> write PNG + metrics + state marker (tasks) -> small status rows back to the driver
+      -> write PNG + metrics + state record (tasks) -> small status rows back to the driver
+      -> merge the records into manifest.parquet / errors.parquet (driver) -> MLflow run
 
-Exactly-once by key and input checksum: each item, once its PNG is written, leaves a
-marker ``OUTPUT/_state/done/<partition>/<sha(key)>-<sha(bytes)>.json`` holding its
-manifest row. A run skips items whose marker exists, in any partition, and at the end
-merges the partition's markers into ``manifest.parquet`` (and the error markers into
-``errors.parquet``). A driver killed mid-run loses only the items in flight; the next
-run redoes exactly those, writing to the same paths. Every object is written whole
-(write-then-rename), so a crash never leaves half an image or half a manifest.
+What is done, what failed and which run owns OUTPUT is the ledger's business
+(``pipeline/ledger.py``): the driver takes OUTPUT's run lease before any cluster work and
+keeps it renewed until the merge. Every per-item failure (unreadable archive member,
+undecodable image, inference or write error, a task killed after its retries) becomes an
+error row and the run goes on; an MLflow outage after the merge only costs a warning, since
+the images and the manifest are the product.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import json
 import math
 import os
@@ -29,15 +28,27 @@ from typing import Any, Callable, Iterator, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.archives import Limits, Source, iter_items, kind_of, list_sources
+from pipeline.archives import Item, Limits, Source, iter_items, kind_of, list_sources
 from pipeline.diffusion import SAMPLERS
-from pipeline.errors import PipelineError, validation_problems
+from pipeline.errors import PipelineError, first_line, validation_problems
 from pipeline.images import ImageError, decode_image, encode_png, reduce_to_uint8, to_float, to_uint8, to_uint16
+from pipeline.ledger import (
+    RunLease,
+    StateIndex,
+    item_name,
+    limits_tag,
+    merge_state,
+    printable,
+    read_state_index,
+    recipe_tag,
+    record_done,
+    record_error,
+    safe_key,
+)
 from pipeline.settings import Settings
 from pipeline.storage import fsspec_for, join, strip_scheme, write_atomic
 
 DEFAULT_MODEL_URI = "models:/denoiser@champion"
-STATE = "_state"
 UNDATED = "undated"
 PREVIEW_SIDE = 128
 BYTES_COLUMNS = ("pixels", "denoised")
@@ -47,30 +58,39 @@ class DenoiseConfigError(PipelineError, ValueError):
     """Arguments of the batch-denoise job that do not fit together."""
 
 
+class RunFailed(PipelineError):
+    """The cluster could not finish the run; the items finished so far are recorded."""
+
+
 class DenoiseConfig(BaseModel):
-    """Everything one batch-denoise run needs, validated once at the edge."""
+    """Everything one batch-denoise run needs, validated once at the edge (the job's CLI is built from it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: str = Field(description="s3:// prefix or local folder of images and archives")
-    output: str = Field(description="s3:// prefix or local folder for images, manifest and state")
-    model: str = Field(DEFAULT_MODEL_URI, description="models:/name@alias, models:/name/N or a checkpoint folder")
-    reference: str | None = Field(None, description="clean references under the same keys, for PSNR/SSIM")
-    sampler: Literal[tuple(SAMPLERS)] = "improved"  # type: ignore[valid-type]
-    steps: int = Field(10, ge=1, description="K sampling steps (must be <= the model's T)")
-    tile: int = Field(512, ge=32, description="tile side for images larger than this")
+    input: str = Field(description="s3://bucket/prefix or local folder of images and .tar/.tar.gz/.zip archives")
+    output: str = Field(description="s3://bucket/prefix or local folder for images, manifest and state")
+    model: str = Field(DEFAULT_MODEL_URI, description="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint folder")
+    reference: str | None = Field(None, description="clean references at REF/<key> (archive members: "
+                                                    "REF/<archive>/<member>), for PSNR/SSIM")
+    sampler: Literal[tuple(SAMPLERS)] = Field("improved", description="sampler of pipeline/diffusion.py")  # type: ignore[valid-type]
+    steps: int = Field(10, ge=1, description="sampling steps K (at most the model's T; direct makes one call)")
+    tile: int = Field(512, ge=32, description="tile side for larger images")
     overlap: int = Field(32, ge=0, description="pixels shared by neighbouring tiles")
     batch_size: int = Field(4, ge=1, description="tiles per model call")
     workers: int = Field(1, ge=1, description="model actors")
-    gpus_per_worker: float = Field(0.0, ge=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs per model actor")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads) per model actor")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs per read/decode and write/score task")
     task_memory_mb: int = Field(1024, ge=1, description="memory reserved per read/decode and write/score task")
+    task_retries: int = Field(2, ge=0, description="retries of a Ray task or model actor that died (killed for "
+                                                   "memory, node lost) before its items become error rows")
     date: str | None = Field(None, description="YYYY-MM-DD or 'today' (UTC): write under OUTPUT/<date>/")
-    experiment: str = "batch-denoise"
-    max_megapixels: float = Field(100.0, gt=0, description="hard cap; larger images are rejected")
-    max_image_mb: float = Field(1024.0, gt=0, description="largest encoded image / archive member")
+    experiment: str = Field("batch-denoise", description="MLflow experiment")
+    max_megapixels: float = Field(100.0, gt=0, description="larger images are rejected (smaller ones are tiled)")
+    max_image_mb: float = Field(1024.0, gt=0, description="largest image file or archive member, in MiB")
     samples: int = Field(3, ge=0, description="before/after crops logged to MLflow")
+    lease_seconds: float = Field(600.0, ge=10, description="OUTPUT's run lease: renewed every quarter of this; a run that "
+                                                     "stopped renewing it this long ago is taken over")
 
     @field_validator("input", "output", "reference")
     @classmethod
@@ -128,16 +148,26 @@ class DenoiseConfig(BaseModel):
     def max_pixels(self) -> int:
         return int(self.max_megapixels * 1e6)
 
+    @property
+    def sampler_steps(self) -> int:
+        """The K the sampler really runs (``direct`` is one model call)."""
+        return 1 if self.sampler == "direct" else self.steps
+
+    @property
+    def limits_tag(self) -> str:
+        return limits_tag(max_megapixels=self.max_megapixels, max_image_mb=self.max_image_mb)
+
+    def recipe_tag(self, model_ref: str, model_version: str) -> str:
+        return recipe_tag(model_uri=model_ref, model_version=model_version, sampler=self.sampler,
+                          steps=self.sampler_steps)
+
+    def buckets(self) -> list[str]:
+        """The S3 buckets INPUT, OUTPUT, REFERENCE and a checkpoint-folder MODEL name."""
+        uris = [u for u in (self.input, self.output, self.reference, self.model) if u and u.startswith("s3://")]
+        return sorted({strip_scheme(u).split("/", 1)[0] for u in uris})
+
 
 # -- naming ------------------------------------------------------------------------
-
-
-def key_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:32]
-
-
-def marker_name(key: str, checksum: str | None) -> str:
-    return f"{key_hash(key)}-{(checksum or 'none')[:16]}"
 
 
 def output_key(key: str) -> str:
@@ -163,54 +193,38 @@ def ray_submission_id() -> str | None:
         return None
 
 
-# -- state -------------------------------------------------------------------------
+def weights_version(model) -> str:
+    """A checkpoint folder's model version: the digest of its weights (a registry version has a number)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
 
 
-@dataclass(frozen=True)
-class StateIndex:
-    """Marker names already in OUTPUT/_state: what this run may skip."""
-
-    done: frozenset[str] = frozenset()
-    failed_for_good: frozenset[str] = frozenset()
-
-
-def read_state_index(output: str, settings: Settings) -> StateIndex:
-    fs, root = fsspec_for(join(output, STATE), settings)
-    done, final = set(), set()
-    for kind, target in (("done", done), ("errors", final)):
-        base = join(root, kind)
-        if not fs.isdir(base):
-            continue
-        for path in fs.find(base):
-            name = path.rsplit("/", 1)[-1]
-            if kind == "done" and name.endswith(".json"):
-                target.add(name[: -len(".json")])
-            elif kind == "errors" and name.endswith(".final.json"):
-                target.add(name[: -len(".final.json")])
-    return StateIndex(frozenset(done), frozenset(final))
-
-
-def _marker_path(root: str, kind: str, partition: str, name: str) -> str:
-    return join(root, STATE, kind, partition, name)
-
-
-MANIFEST_COLUMNS = ["key", "input_uri", "output_uri", "status", "height", "width", "bits", "seconds",
-                    "psnr_in", "psnr_out", "ssim_in", "ssim_out", "sigma_in", "sigma_out", "reference_uri", "note",
-                    "model_uri", "model_version", "sampler", "steps", "checksum", "run_id", "finished_at", "partition"]
-ERROR_COLUMNS = ["key", "reason", "stage", "retry", "input_uri", "checksum", "run_id", "finished_at", "partition"]
-FLOAT_COLUMNS = ("seconds", "psnr_in", "psnr_out", "ssim_in", "ssim_out", "sigma_in", "sigma_out")
 STATUS_COLUMNS = ["key", "status", "reason", "input_uri", "output_uri", "checksum", "height", "width", "bits",
-                  "note", *FLOAT_COLUMNS]
+                  "note", "seconds", "psnr_in", "psnr_out", "ssim_in", "ssim_out", "sigma_in", "sigma_out"]
+FLOAT_COLUMNS = ("seconds", "psnr_in", "psnr_out", "ssim_in", "ssim_out", "sigma_in", "sigma_out")
 
 
 # -- stages (plain functions of rows, so tests can call them without Ray) ------------
 
 
+def _text(value: str) -> str:
+    try:
+        return safe_key(value)
+    except UnicodeError:
+        return printable(value)
+
+
 def _row(key: str, uri: str, *, status: str, checksum: str = "", reason: str = "", stage: str = "",
          pixels: np.ndarray | None = None) -> dict:
-    """A work item between stages; pixels travel as raw bytes (H x W x 3, 8 or 16 bits)."""
+    """A work item between stages; pixels travel as raw bytes (H x W x 3, 8 or 16 bits).
+
+    Every text is valid UTF-8 from here on (Ray Data's Arrow blocks and Parquet need it).
+    """
     shape = pixels.shape if pixels is not None else (0, 0)
-    return {"key": key, "input_uri": uri, "checksum": checksum, "status": status, "reason": reason,
+    return {"key": key, "input_uri": _text(uri), "checksum": checksum, "status": status, "reason": printable(reason),
             "stage": stage, "retry": False, "pixels": pixels.tobytes() if pixels is not None else b"",
             "height": shape[0], "width": shape[1], "bits": pixels.dtype.itemsize * 8 if pixels is not None else 0}
 
@@ -219,28 +233,47 @@ def expand_source(source_row: dict, *, settings: Settings, limits: Limits, index
                   archive_prefixes: tuple[str, ...] = ()) -> Iterator[dict]:
     """One input file -> its decoded work items: ``pending`` (with pixels), ``skipped`` or ``failed``.
 
-    A generator, so an archive streams through one member at a time.
+    A generator, so an archive streams through one member at a time. Whatever goes wrong
+    with one item becomes its error row; a source that breaks mid-way gives one more row
+    for the rest of it.
     """
     source = Source(source_row["rel"], source_row["uri"], int(source_row["size"]))
     if source.kind == "image" and source.rel.startswith(archive_prefixes):
-        yield _row(source.rel, source.uri, status="failed", stage="list",
+        yield _row(_text(source.rel), source.uri, status="failed", stage="list",
                    reason="key collides with the members of an archive of the same name")
         return
-    for item in iter_items(source, settings, limits):
-        if item.reason is not None:
-            yield _row(item.key, item.uri, status="failed", stage="read", reason=item.reason)
-            continue
-        checksum = item.checksum
-        name = marker_name(item.key, checksum)
-        if name in index.done or name in index.failed_for_good:
-            yield _row(item.key, item.uri, status="skipped", checksum=checksum)
-            continue
+    items = iter_items(source, settings, limits)
+    while True:
         try:
-            pixels = decode_image(item.data, max_pixels=max_pixels)
-        except ImageError as exc:
-            yield _row(item.key, item.uri, status="failed", checksum=checksum, stage="decode", reason=exc.reason)
-            continue
-        yield _row(item.key, item.uri, status="pending", checksum=checksum, pixels=pixels)
+            item = next(items)
+        except StopIteration:
+            return
+        except Exception as exc:  # the source cannot be read further; what came before stays valid
+            yield _row(_text(source.rel), source.uri, status="failed", stage="read",
+                       reason=f"read failed: {first_line(exc)}")
+            return
+        yield _expand_item(item, index=index, max_pixels=max_pixels)
+
+
+def _expand_item(item: Item, *, index: StateIndex, max_pixels: int) -> dict:
+    try:
+        key = safe_key(item.key)
+    except UnicodeError as exc:
+        return _row(printable(item.key), item.uri, status="failed", stage="read",
+                    reason=f"key is not valid text: {first_line(exc)}")
+    if item.reason is not None:
+        return _row(key, item.uri, status="failed", stage="read", reason=item.reason)
+    checksum = item.checksum
+    if index.skips(item_name(key, checksum)):
+        return _row(key, item.uri, status="skipped", checksum=checksum)
+    try:
+        pixels = decode_image(item.data, max_pixels=max_pixels)
+    except ImageError as exc:
+        return _row(key, item.uri, status="failed", checksum=checksum, stage="decode", reason=exc.reason)
+    except Exception as exc:  # a decoder bug or a file it trips on: this item's error, not the night's
+        return _row(key, item.uri, status="failed", checksum=checksum, stage="decode",
+                    reason=f"decode failed: {first_line(exc)}")
+    return _row(key, item.uri, status="pending", checksum=checksum, pixels=pixels)
 
 
 def pixels_of(raw: bytes, height: int, width: int, bits: int) -> np.ndarray:
@@ -331,32 +364,32 @@ def _quality(noisy: np.ndarray, denoised: np.ndarray, reference: np.ndarray | No
 
 def finish_row(row: dict, *, settings: Settings, config: DenoiseConfig, model_ref: str, model_version: str,
                run_id: str) -> dict:
-    """Write the PNG, score it and record the item's state marker; returns the item's status row."""
+    """Write the PNG, score it and record the item in the ledger; returns the item's status row."""
     now = dt.datetime.now(dt.timezone.utc).isoformat()
     record = {"key": row["key"], "input_uri": row["input_uri"], "checksum": row["checksum"],
               "status": row["status"], "reason": row["reason"], "stage": row["stage"], "retry": bool(row["retry"]),
+              "max_megapixels": config.max_megapixels, "max_image_mb": config.max_image_mb,
               "run_id": run_id, "finished_at": now, "partition": config.partition}
     fs, out_root = fsspec_for(config.output, settings, shared=True)
+    item = item_name(row["key"], row["checksum"])
     preview = b""
     if record["status"] == "pending":
         try:
             result, preview = _write_result(row, fs, settings=settings, config=config, model_ref=model_ref,
                                             model_version=model_version)
             record |= result
-            write_atomic(fs, _marker_path(out_root, "done", config.partition,
-                                          marker_name(row["key"], row["checksum"]) + ".json"),
-                         json.dumps({c: record.get(c) for c in MANIFEST_COLUMNS}).encode())
+            record_done(fs, out_root, partition=config.partition, item=item,
+                        recipe=config.recipe_tag(model_ref, model_version), record=record)
         except Exception as exc:  # storage or metric failure: report it, retry next run
             record |= {"status": "failed", "stage": "write", "retry": True,
-                       "reason": f"write failed: {type(exc).__name__}: {exc}".splitlines()[0]}
+                       "reason": printable(f"write failed: {first_line(exc)}")}
     if record["status"] == "failed":
-        final = "" if record["retry"] or not record["checksum"] else ".final"
+        final = not record["retry"] and bool(record["checksum"])
         try:
-            write_atomic(fs, _marker_path(out_root, "errors", config.partition,
-                                          marker_name(row["key"], row["checksum"]) + final + ".json"),
-                         json.dumps({c: record.get(c) for c in ERROR_COLUMNS}).encode())
+            record_error(fs, out_root, partition=config.partition, item=item, record=record,
+                         limits=config.limits_tag if final else None)
         except Exception as exc:  # the row still reaches the driver's counts and log
-            record["reason"] += f" (error marker not written: {type(exc).__name__})"
+            record["reason"] += f" (error record not written: {type(exc).__name__})"
     return status_row(record, preview)
 
 
@@ -383,42 +416,8 @@ def _write_result(row: dict, fs, *, settings: Settings, config: DenoiseConfig, m
     result = {"status": "done", "output_uri": output_uri, "height": h, "width": w, "bits": bits,
               "seconds": float(row["seconds"]), **scores, "reference_uri": reference_uri, "note": note,
               "model_uri": model_ref, "model_version": model_version, "sampler": config.sampler,
-              "steps": 1 if config.sampler == "direct" else config.steps}
+              "steps": config.sampler_steps}
     return result, _preview(noisy, denoised, reference if scores["psnr_in"] is not None else None)
-
-
-# -- merging state into the partition's tables ---------------------------------------
-
-
-def _read_markers(fs, base: str) -> list[dict]:
-    if not fs.isdir(base):
-        return []
-    paths = [p for p in fs.find(base) if p.endswith(".json")]
-    return [json.loads(data) for data in fs.cat(paths).values()] if paths else []
-
-
-def merge_state(config: DenoiseConfig, settings: Settings, *, run_id: str):
-    """Rewrite OUTPUT[/date]/manifest.parquet and errors.parquet from the partition's markers."""
-    import pandas as pd
-
-    fs, root = fsspec_for(config.output, settings)
-    done = _read_markers(fs, join(root, STATE, "done", config.partition))
-    manifest = pd.DataFrame(done, columns=MANIFEST_COLUMNS)
-    manifest = manifest.sort_values("finished_at").drop_duplicates("key", keep="last").sort_values("key")
-    done_pairs = set(zip(manifest["key"], manifest["checksum"]))
-    # Failures that are retried every run (no checksum, or transient) count only from this
-    # run; a deterministic failure of the same bytes stays listed until the input changes.
-    errors = [e for e in _read_markers(fs, join(root, STATE, "errors", config.partition))
-              if (e["key"], e["checksum"]) not in done_pairs
-              and (e["run_id"] == run_id or (e["checksum"] and not e["retry"]))]
-    errors = pd.DataFrame(errors, columns=ERROR_COLUMNS)
-    errors = errors.sort_values("finished_at").drop_duplicates(["key", "checksum"], keep="last").sort_values("key")
-    _, out_root = fsspec_for(config.out_root, settings)
-    for name, table in (("manifest.parquet", manifest), ("errors.parquet", errors)):
-        buffer = io.BytesIO()
-        table.reset_index(drop=True).to_parquet(buffer, index=False)
-        write_atomic(fs, join(out_root, name), buffer.getvalue())
-    return manifest.reset_index(drop=True), errors.reset_index(drop=True)
 
 
 # -- the driver ----------------------------------------------------------------------
@@ -470,18 +469,36 @@ class Summary:
         return found
 
 
+def ray_remote_args(config: DenoiseConfig) -> tuple[dict, dict]:
+    """Resources and retry caps of (the read/decode and write/score tasks, the model actors).
+
+    Ray Data retries a task forever and restarts actors forever by default, so one item that
+    gets its worker killed for memory would loop all night; capped, its items become error
+    rows (``unfinished_rows``) and the run goes on.
+    """
+    # The memory reservation bounds decoded images in flight per node, and, since the model
+    # actors ask for none, keeps Ray Data from fusing reading and decoding into the actors.
+    tasks = {"num_cpus": config.cpus_per_task, "memory": config.task_memory_mb * (1 << 20),
+             "max_retries": config.task_retries}
+    actors = {"num_cpus": config.cpus_per_worker, "max_restarts": config.task_retries,
+              "max_task_retries": config.task_retries}
+    if config.gpus_per_worker:
+        actors["num_gpus"] = config.gpus_per_worker
+    return tasks, actors
+
+
 def build_dataset(config: DenoiseConfig, settings: Settings, sources: list[Source], *, index: StateIndex,
                   model_ref: str, model_version: str, run_id: str):
     """The lazy Ray Data graph; iterating it runs the job and yields one small row per item."""
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.max_errored_blocks = -1  # a block whose task died after its retries: its items are reported
     archive_prefixes = tuple(s.rel + "/" for s in sources if kind_of(s.rel) == "archive")
     items = ray.data.from_items([{"rel": s.rel, "uri": s.uri, "size": s.size} for s in sources],
                                 override_num_blocks=max(1, min(len(sources), 256)))
-    # The memory reservation bounds decoded images in flight per node, and, since the model
-    # actors ask for none, keeps Ray Data from fusing reading and decoding into the actors.
-    task_args = {"num_cpus": config.cpus_per_task, "memory": config.task_memory_mb * (1 << 20)}
+    task_args, actor_args = ray_remote_args(config)
     decoded = items.flat_map(expand_source, **task_args, fn_kwargs={
         "settings": settings, "limits": config.limits, "index": index, "max_pixels": config.max_pixels,
         "archive_prefixes": archive_prefixes})
@@ -490,18 +507,47 @@ def build_dataset(config: DenoiseConfig, settings: Settings, sources: list[Sourc
         fn_constructor_kwargs={"model_uri": model_ref, "settings": settings, "sampler": config.sampler,
                                "steps": config.steps, "tile": config.tile, "overlap": config.overlap,
                                "batch_size": config.batch_size, "threads": math.ceil(config.cpus_per_worker)},
-        compute=ray.data.ActorPoolStrategy(size=config.workers),
-        num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker or None)
+        compute=ray.data.ActorPoolStrategy(size=config.workers), **actor_args)
     return denoised.map(finish_row, **task_args, fn_kwargs={
         "settings": settings, "config": config, "model_ref": model_ref, "model_version": model_version,
         "run_id": run_id})
 
 
+def unfinished_rows(sources: list[Source], keys_seen: set[str], *, settings: Settings, config: DenoiseConfig,
+                    run_id: str) -> list[dict]:
+    """Error rows (and records, retried next run) for sources of which no item came back.
+
+    That happens only when a task or actor died more often than ``task_retries`` allows and
+    Ray Data dropped its block; an archive that lost only some members is redone next run
+    (its missing members have no record).
+    """
+    by_key = {_text(s.rel): s for s in sources}
+    finished = set()
+    for key in keys_seen:
+        while key and key not in by_key:
+            key = key.rsplit("/", 1)[0] if "/" in key else ""
+        finished.add(key)
+    fs, out_root = fsspec_for(config.output, settings, shared=True)
+    rows = []
+    for key, source in by_key.items():
+        if key in finished:
+            continue
+        row = _row(key, source.uri, status="failed", stage="task", reason=(
+            f"no result: its Ray task died {config.task_retries + 1} times (worker killed for memory, or a node "
+            f"lost); retried next run"))
+        row |= {"retry": True, "denoised": b"", "seconds": 0.0}
+        rows.append(finish_row(row, settings=settings, config=config, model_ref="", model_version="",
+                               run_id=run_id))
+    return rows
+
+
 def run_batch_denoise(config: DenoiseConfig, settings: Settings, *, log: Callable[[str], None] = print,
                       progress_every_s: float = 15.0) -> dict:
-    """Run the whole job: list, denoise, merge state, log to MLflow; returns the summary and paths."""
-    import mlflow
+    """Run the whole job: list, take OUTPUT's lease, denoise, merge the ledger, log to MLflow.
 
+    Returns the summary and paths; ``mlflow_run`` is empty when MLflow could not be written
+    (a warning says so; the outputs are complete all the same).
+    """
     from pipeline.cluster import init_ray
     from pipeline.modelstore import load_denoiser
 
@@ -513,43 +559,86 @@ def run_batch_denoise(config: DenoiseConfig, settings: Settings, *, log: Callabl
         raise DenoiseConfigError(f"--steps {config.steps} is more than the model's T={denoiser.T}")
     # Pin an alias to the version it points at now, so every actor loads the same weights.
     model_ref = f"models:/{denoiser.name}/{denoiser.version}" if denoiser.name else config.model
-    model_version = str(denoiser.version or "")
-    log(f"model: {config.model} -> {model_ref} (T={denoiser.T}), sampler {config.sampler}, K={config.steps}")
-    index = read_state_index(config.output, settings)
+    model_version = str(denoiser.version) if denoiser.version else weights_version(denoiser.model)
+    log(f"model: {config.model} -> {model_ref} ({model_version}, T={denoiser.T}), sampler {config.sampler}, "
+        f"K={config.sampler_steps}")
+    started = time.time()
     run_id = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
-    date = config.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
-
-    init_ray(settings)
-    mlflow.set_tracking_uri(settings.mlflow_uri)
-    mlflow.set_experiment(config.experiment)
+    lease = RunLease(config.output, settings, run_id=run_id, ttl_s=config.lease_seconds,
+                     info={"partition": config.partition, "input": config.input,
+                           "ray_submission_id": ray_submission_id() or ""}).acquire(log=log)
     summary = Summary()
-    with mlflow.start_run(run_name=f"batch-denoise-{date}") as run:
-        mlflow.set_tags({"input": config.input, "output": config.out_root, "model_uri": model_ref,
-                         "model_name": denoiser.name or "", "model_version": model_version,
-                         "ray_submission_id": ray_submission_id() or "", "batch_run_id": run_id})
-        mlflow.log_params({k: v for k, v in config.model_dump().items() if k not in ("input", "output")})
+    with lease:
+        index = read_state_index(config.output, settings, recipe=config.recipe_tag(model_ref, model_version),
+                                 limits=config.limits_tag)
+        init_ray(settings)
         dataset = build_dataset(config, settings, sources, index=index, model_ref=model_ref,
                                 model_version=model_version, run_id=run_id)
         start = last = time.perf_counter()
-        for row in dataset.iter_rows():
-            summary.add(row, keep_previews=config.samples)
-            if row["status"] == "failed":
-                log(f"failed: {row['key']}: {row['reason']}")
-            if time.perf_counter() - last > progress_every_s:
-                last = time.perf_counter()
-                summary.seconds = last - start
-                log(f"progress: {summary.line()}")
+        seen: set[str] = set()
+        try:
+            for row in dataset.iter_rows():
+                lease.check()
+                seen.add(row["key"])
+                summary.add(row, keep_previews=config.samples)
+                if row["status"] == "failed":
+                    log(f"failed: {row['key']}: {row['reason']}")
+                if time.perf_counter() - last > progress_every_s:
+                    last = time.perf_counter()
+                    summary.seconds = last - start
+                    log(f"progress: {summary.line()}")
+        except PipelineError:
+            raise
+        except Exception as exc:
+            raise RunFailed(f"the Ray Data run failed ({first_line(exc)}); the {summary.done} items done are "
+                            f"recorded, run again to finish the rest") from None
+        for row in unfinished_rows(sources, seen, settings=settings, config=config, run_id=run_id):
+            summary.add(row, keep_previews=0)
+            log(f"failed: {row['key']}: {row['reason']}")
         summary.seconds = time.perf_counter() - start
-        manifest, errors = merge_state(config, settings, run_id=run_id)
-        mlflow.log_metrics(summary.metrics())
-        if len(manifest):
-            mlflow.log_table(manifest, artifact_file="manifest.json")
-        if len(errors):
-            mlflow.log_table(errors, artifact_file="errors.json")
-        for i, (key, png) in enumerate(summary.previews):
-            mlflow.log_image(decode_image(png), artifact_file=f"samples/{i}-{output_key(key).replace('/', '_')}")
-        run_url = f"{settings.mlflow_uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        lease.check()
+        manifest, errors = merge_state(output=config.output, out_root=config.out_root, partition=config.partition,
+                                       settings=settings, run_id=run_id, log=log)
     log(f"summary: {summary.line()}")
+    tags = {"input": config.input, "output": config.out_root, "model_uri": model_ref,
+            "model_name": denoiser.name or "", "model_version": model_version,
+            "ray_submission_id": ray_submission_id() or "", "batch_run_id": run_id}
+    run_url = log_run(config, settings, summary=summary, manifest=manifest, errors=errors, tags=tags,
+                      started=started, log=log)
     return {"summary": summary, "manifest": join(config.out_root, "manifest.parquet"),
             "errors": join(config.out_root, "errors.parquet"), "mlflow_run": run_url,
             "manifest_rows": len(manifest), "error_rows": len(errors)}
+
+
+def log_run(config: DenoiseConfig, settings: Settings, *, summary: Summary, manifest, errors, tags: dict,
+            started: float, log: Callable[[str], None] = print) -> str:
+    """The run's MLflow record, written after the merge; its URL, or "" (and a warning) if MLflow fails.
+
+    The images and the manifest are the product: MLflow being down at this point must not
+    turn a complete run into a failed one.
+    """
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    date = config.date or dt.datetime.fromtimestamp(started, dt.timezone.utc).date().isoformat()
+    client = mlflow.MlflowClient(settings.mlflow_uri)
+    try:
+        experiment = client.get_experiment_by_name(config.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment)
+        run = client.create_run(experiment_id, start_time=int(started * 1000), tags=tags,
+                                run_name=f"batch-denoise-{date}")
+        run_id, now = run.info.run_id, int(time.time() * 1000)
+        params = {k: v for k, v in config.model_dump().items() if k not in ("input", "output")}
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in summary.metrics().items()],
+                         params=[Param(k, str(v)) for k, v in params.items()])
+        for name, table in (("manifest.json", manifest), ("errors.json", errors)):
+            if len(table):
+                client.log_table(run_id, table, artifact_file=name)
+        for i, (key, png) in enumerate(summary.previews):
+            client.log_image(run_id, decode_image(png), artifact_file=f"samples/{i}-{output_key(key).replace('/', '_')}")
+        client.set_terminated(run_id, "FINISHED")
+    except Exception as exc:
+        log(f"warning: outputs and manifest are complete, but the MLflow run could not be logged to "
+            f"{settings.mlflow_uri} ({first_line(exc)})")
+        return ""
+    return f"{settings.mlflow_uri}/#/experiments/{experiment_id}/runs/{run_id}"

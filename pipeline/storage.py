@@ -8,8 +8,12 @@ or actor that uses them, from the (picklable) settings.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -120,7 +124,8 @@ def describe_s3_error(exc: BaseException, settings: Settings, bucket: str | None
     if isinstance(exc, bce.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
     if isinstance(exc, FileNotFoundError) or code in ("404", "NoSuchBucket"):
-        return f"bucket '{bucket}' does not exist at {where}; create it or set DENOISE_BUCKET"
+        fix = "set DENOISE_BUCKET" if bucket == settings.bucket else "fix the s3:// URI that names it"
+        return f"bucket '{bucket}' does not exist at {where}; create it or {fix}"
     if isinstance(exc, PermissionError) or code in ("403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                                                      "AccessDenied"):
         return (f"{where} rejected the credentials ({code or 'access denied'}); check AWS_ACCESS_KEY_ID "
@@ -128,19 +133,140 @@ def describe_s3_error(exc: BaseException, settings: Settings, bucket: str | None
     return f"{where} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def check_storage(settings: Settings, bucket: str | None = None) -> None:
-    """Fail fast, with a fix, when the endpoint, the keys or the bucket are wrong."""
+def s3_client(settings: Settings, *, connect_timeout: float = 5, read_timeout: float = 30, attempts: int = 2):
+    """A boto3 S3 client for the configured endpoint (for calls s3fs does not offer)."""
     import boto3
     import botocore.config
-    import botocore.exceptions as bce
 
     key, secret = settings.credentials()
-    client = boto3.client(
+    return boto3.client(
         "s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
         aws_access_key_id=key, aws_secret_access_key=secret,
-        config=botocore.config.Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}),
+        config=botocore.config.Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
+                                      retries={"max_attempts": attempts}),
     )
+
+
+def check_storage(settings: Settings, bucket: str | None = None) -> None:
+    """Fail fast, with a fix, when the endpoint, the keys or the bucket are wrong."""
+    import botocore.exceptions as bce
+
+    client = s3_client(settings, connect_timeout=3, read_timeout=10, attempts=1)
     try:
         client.head_bucket(Bucket=bucket or settings.bucket)
     except (bce.BotoCoreError, bce.ClientError) as exc:
         raise StorageError(describe_s3_error(exc, settings, bucket)) from None
+
+
+# -- compare-and-swap on one small object (S3 conditional writes; a lock file locally) --------
+
+_CONDITION_FAILED = ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey", "404", "412", "409")
+
+
+def read_tagged(uri: str, settings: Settings) -> tuple[bytes, str, float] | None:
+    """(bytes, tag, age in seconds by the store's own clock) of an object, or None when absent.
+
+    The tag changes with every write (the S3 ETag; a local file's SHA-256); the age is the
+    store's time of the response minus the object's last write, so no two hosts' clocks
+    are compared.
+    """
+    if not is_s3(uri):
+        path = strip_scheme(uri)
+        try:
+            with open(path, "rb") as f:
+                data, modified = f.read(), os.fstat(f.fileno()).st_mtime
+        except FileNotFoundError:
+            return None
+        return data, hashlib.sha256(data).hexdigest(), time.time() - modified
+    import botocore.exceptions as bce
+    from email.utils import parsedate_to_datetime
+
+    bucket, _, key = strip_scheme(uri).partition("/")
+    try:
+        resp = s3_client(settings).get_object(Bucket=bucket, Key=key)
+    except bce.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+    now = parsedate_to_datetime(resp["ResponseMetadata"]["HTTPHeaders"]["date"])
+    return resp["Body"].read(), resp["ETag"], (now - resp["LastModified"]).total_seconds()
+
+
+def put_if(uri: str, data: bytes, settings: Settings, *, tag: str | None) -> str | None:
+    """Write ``data`` only if the object is absent (``tag=None``) or still carries ``tag``.
+
+    Returns the new tag, or None when the condition failed (someone else wrote first).
+    S3: ``If-None-Match: *`` / ``If-Match: <ETag>`` (honoured by AWS and SeaweedFS). A local
+    file: an exclusive create (a whole temporary file linked into place, which fails when
+    the name exists, as O_CREAT|O_EXCL does) or a compare-and-replace under an flock.
+    """
+    if not is_s3(uri):
+        path = strip_scheme(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _local_tmp(path, data)
+        try:
+            if tag is None:
+                try:
+                    os.link(tmp, path)
+                except FileExistsError:
+                    return None
+            else:
+                with _local_lock(path):
+                    current = read_tagged(path, settings)
+                    if current is None or current[1] != tag:
+                        return None
+                    os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return hashlib.sha256(data).hexdigest()
+    import botocore.exceptions as bce
+
+    bucket, _, key = strip_scheme(uri).partition("/")
+    condition = {"IfNoneMatch": "*"} if tag is None else {"IfMatch": tag}
+    try:
+        return s3_client(settings).put_object(Bucket=bucket, Key=key, Body=data, **condition)["ETag"]
+    except bce.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in _CONDITION_FAILED:
+            return None
+        raise
+
+
+def delete_if(uri: str, settings: Settings, *, tag: str) -> bool:
+    """Delete the object only while it still carries ``tag``; False when it changed or is gone."""
+    if not is_s3(uri):
+        path = strip_scheme(uri)
+        with _local_lock(path):
+            current = read_tagged(path, settings)
+            if current is None or current[1] != tag:
+                return False
+            os.unlink(path)
+        return True
+    import botocore.exceptions as bce
+
+    bucket, _, key = strip_scheme(uri).partition("/")
+    try:
+        s3_client(settings).delete_object(Bucket=bucket, Key=key, IfMatch=tag)
+    except bce.ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in _CONDITION_FAILED:
+            return False
+        raise
+    return True
+
+
+def _local_tmp(path: str, data: bytes) -> str:
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex}-{name}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return tmp
+
+
+@contextlib.contextmanager
+def _local_lock(path: str):
+    parent, name = os.path.split(path)
+    with open(os.path.join(parent, f".{name}.lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

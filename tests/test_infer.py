@@ -18,17 +18,16 @@ from pipeline.infer import (
     Denoise,
     DenoiseConfig,
     DenoiseConfigError,
-    StateIndex,
     Summary,
     expand_source,
     finish_row,
-    marker_name,
-    merge_state,
     output_key,
     pixels_of,
+    ray_remote_args,
     ray_submission_id,
-    read_state_index,
+    unfinished_rows,
 )
+from pipeline.ledger import StateIndex, item_name, merge_state, read_state_index
 from pipeline.metrics import estimate_noise_sigma, psnr, ssim
 from pipeline.model import build_model
 from pipeline.modelstore import Denoiser
@@ -70,16 +69,29 @@ def expand_all(folder, *, index=StateIndex(), max_pixels=10_000_000, limits=Limi
     return rows
 
 
-def run_items(rows: dict[str, dict], config: DenoiseConfig, denoise: Denoise, run_id: str = "run-1") -> list[dict]:
+def run_items(rows: dict[str, dict], config: DenoiseConfig, denoise: Denoise, run_id: str = "run-1",
+              model_version: str = "1") -> list[dict]:
     """What the Ray Data graph does, row by row."""
     out = []
     for row in rows.values():
         batch = {k: np.array([v], dtype=object) for k, v in row.items()}
         batch = denoise(batch)
         row = {k: v[0] for k, v in batch.items()}
-        out.append(finish_row(row, settings=SETTINGS, config=config, model_ref="models:/m/1", model_version="1",
-                              run_id=run_id))
+        out.append(finish_row(row, settings=SETTINGS, config=config, model_ref=f"models:/m/{model_version}",
+                              model_version=model_version, run_id=run_id))
     return out
+
+
+def state_index(config: DenoiseConfig, model_version: str = "1") -> StateIndex:
+    """What the driver reads before a run of ``config`` with ``models:/m/<model_version>``."""
+    return read_state_index(config.output, SETTINGS, recipe=config.recipe_tag(f"models:/m/{model_version}",
+                                                                              model_version),
+                            limits=config.limits_tag)
+
+
+def merge(config: DenoiseConfig, run_id: str, log=print):
+    return merge_state(output=config.output, out_root=config.out_root, partition=config.partition,
+                       settings=SETTINGS, run_id=run_id, log=log)
 
 
 def test_config_is_validated_once_with_readable_errors(tmp_path):
@@ -197,7 +209,7 @@ def test_finish_writes_png_metrics_and_markers_then_merge_builds_the_tables(tmp_
     assert deep.dtype == np.uint16
     assert math.isnan(results["b.jpg.png"]["psnr_in"]) and results["b.jpg.png"]["note"] == "no reference"
 
-    manifest, errors = merge_state(config, SETTINGS, run_id="run-1")
+    manifest, errors = merge(config, run_id="run-1")
     assert list(manifest["key"]) == ["a.png", "b.jpg.png"]
     assert manifest.loc[0, "output_uri"] == str(out_dir / "2024-05-01" / "images" / "a.png")
     assert manifest.loc[0, "psnr_out"] == pytest.approx(a["psnr_out"])
@@ -209,8 +221,8 @@ def test_finish_writes_png_metrics_and_markers_then_merge_builds_the_tables(tmp_
     assert len(pd.read_parquet(out_dir / "2024-05-01" / "errors.parquet")) == 1
 
     # The next run skips the done items and the deterministic failure, by key and checksum.
-    index = read_state_index(config.output, SETTINGS)
-    assert marker_name("a.png", results["a.png"]["checksum"]) in index.done
+    index = state_index(config)
+    assert index.skips(item_name("a.png", results["a.png"]["checksum"]))
     again = expand_all(noisy_dir, index=index)
     assert {k: r["status"] for k, r in again.items()} == {"a.png": "skipped", "b.jpg.png": "skipped",
                                                          "zero.png": "skipped"}

@@ -1,0 +1,149 @@
+"""The batch-denoise ledger: key naming, the state index, unreadable records, and OUTPUT's run lease on a
+local folder, a moto S3 server and (marked ``stack``) the real SeaweedFS."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.ledger import (
+    LEASE,
+    STATE,
+    LeaseHeld,
+    LeaseLost,
+    RunLease,
+    key_hash,
+    limits_tag,
+    merge_state,
+    read_state_index,
+    recipe_tag,
+    record_done,
+    record_error,
+    safe_key,
+)
+from pipeline.settings import Settings
+from pipeline.storage import fsspec_for, join, read_tagged
+from tests.test_storage import moto_settings  # noqa: F401  (the moto server fixture)
+
+SETTINGS = Settings()
+# Text as tar and the OS hand it over: any code point but lone surrogates, plus escaped bytes.
+KEYS = st.text(st.one_of(st.characters(blacklist_categories=("Cs",)), st.sampled_from(["\udcff", "\udc80", "%"])))
+
+
+@given(KEYS, KEYS)
+def test_safe_keys_are_utf8_and_one_to_one(a, b):
+    for key in (a, b):
+        safe_key(key).encode("utf-8")  # never raises
+        assert len(key_hash(key)) == 32
+    assert (safe_key(a) == safe_key(b)) == (a == b)
+
+
+def test_safe_key_escapes_only_what_needs_it():
+    assert safe_key("night.tar/sub/a b.png") == "night.tar/sub/a b.png"
+    assert safe_key("n.tar/\udcff.png") == "n.tar/%FF.png"
+    assert safe_key("n.tar/%FF.png") == "n.tar/%25FF.png" and safe_key("100%.png") == "100%.png"
+    with pytest.raises(UnicodeError):
+        safe_key("\ud800.png")  # not something a tar or a file name can hold
+
+
+def test_skip_tags_change_with_model_sampler_steps_and_limits():
+    base = {"model_uri": "models:/d/1", "model_version": "1", "sampler": "improved", "steps": 10}
+    tags = {recipe_tag(**base)} | {recipe_tag(**{**base, k: v}) for k, v in
+                                   (("model_uri", "models:/d/2"), ("model_version", "2"), ("sampler", "origin"),
+                                    ("steps", 4))}
+    assert len(tags) == 5
+    assert limits_tag(max_megapixels=100, max_image_mb=1024) == limits_tag(max_megapixels=100.0, max_image_mb=1024.0)
+    assert limits_tag(max_megapixels=100, max_image_mb=1024) != limits_tag(max_megapixels=200, max_image_mb=1024)
+
+
+def test_index_and_merge_ignore_temporaries_and_set_aside_an_unreadable_record(tmp_path):
+    fs, root = fsspec_for(str(tmp_path), SETTINGS)
+    for key in ("a.png", "b.png"):
+        record_done(fs, root, partition="p", item=f"item-{key}", recipe="r1",
+                    record={"key": key, "checksum": "c", "finished_at": "2024-01-01T00:00:00", "run_id": "r"})
+    record_error(fs, root, partition="p", item="item-c", limits="L1",
+                 record={"key": "c.png", "checksum": "c", "retry": False, "finished_at": "2024-01-01", "run_id": "r"})
+    done_dir = tmp_path / STATE / "done" / "p"
+    (done_dir / ".tmp-0123-item-x-r1.json").write_text('{"key": "x.png"')  # a killed write
+    (done_dir / "item-b.png-r1.json").write_text('{"key": "b.png", "chec')  # truncated
+    index = read_state_index(str(tmp_path), SETTINGS, recipe="r1", limits="L1")
+    assert index.skips("item-a.png") and index.skips("item-c") and not index.skips("item-x")
+    assert not read_state_index(str(tmp_path), SETTINGS, recipe="r2", limits="L2").skips("item-c")
+
+    lines = []
+    manifest, errors = merge_state(output=str(tmp_path), out_root=str(tmp_path), partition="p", settings=SETTINGS,
+                                   run_id="r", log=lines.append)
+    assert list(manifest["key"]) == ["a.png"] and list(errors["key"]) == ["c.png"]
+    [warning] = lines
+    assert warning.startswith("warning: unreadable state record") and "item-b.png-r1.json" in warning
+    assert (done_dir / ".corrupt-item-b.png-r1.json").exists()
+    # Set aside, the record no longer counts: its item is redone, and the next merge is quiet.
+    assert not read_state_index(str(tmp_path), SETTINGS, recipe="r1").skips("item-b.png")
+    merge_state(output=str(tmp_path), out_root=str(tmp_path), partition="p", settings=SETTINGS, run_id="r",
+                log=lines.append)
+    assert len(lines) == 1
+
+
+@pytest.fixture(params=["local", "moto", pytest.param("seaweedfs", marks=pytest.mark.stack)])
+def lease_output(request, tmp_path):
+    """An OUTPUT for each kind of store, with the settings that reach it."""
+    if request.param == "local":
+        return str(tmp_path / "out"), SETTINGS
+    if request.param == "moto":
+        settings = request.getfixturevalue("moto_settings")
+        return f"s3://unit/lease-{tmp_path.name}", settings
+    settings = request.getfixturevalue("settings")
+    return request.getfixturevalue("s3_prefix"), settings
+
+
+def age_lease(output: str, settings, seconds: float) -> None:
+    """Make the lease look ``seconds`` old (a local file's mtime; S3 lets nobody backdate an object)."""
+    path = join(output, STATE, LEASE)
+    if output.startswith("s3://"):
+        time.sleep(seconds)
+    else:
+        past = time.time() - seconds
+        os.utime(path, (past, past))
+
+
+def test_a_live_lease_refuses_a_second_run_and_a_stale_one_is_taken_over(lease_output):
+    output, settings = lease_output
+    first = RunLease(output, settings, run_id="run-1", ttl_s=2, info={"partition": "2024-05-01"}).acquire()
+    holder = json.loads(read_tagged(join(output, STATE, LEASE), settings)[0])
+    assert holder["run_id"] == "run-1" and holder["partition"] == "2024-05-01" and holder["ttl_s"] == 2
+    with pytest.raises(LeaseHeld, match=r"OUTPUT is in use by run run-1 on .*renewed \d+s ago") as held:
+        RunLease(output, settings, run_id="run-2", ttl_s=2).acquire()
+    assert "\n" not in str(held.value)
+    tag = first.tag
+    assert first.renew() and first.tag != tag
+
+    age_lease(output, settings, 3.5)  # run-1 stopped renewing (killed) for longer than it promised
+    lines = []
+    second = RunLease(output, settings, run_id="run-2", ttl_s=60).acquire(log=lines.append)
+    assert lines == [lines[0]] and "took over the stale lease of run run-1" in lines[0]
+    assert not first.renew() and "taken over" in first.lost
+    with pytest.raises(LeaseLost):
+        first.check()
+    first.release()  # must not delete run-2's lease
+    assert json.loads(read_tagged(join(output, STATE, LEASE), settings)[0])["run_id"] == "run-2"
+    second.release()
+    assert read_tagged(join(output, STATE, LEASE), settings) is None
+    RunLease(output, settings, run_id="run-3", ttl_s=60).acquire().release()
+
+
+def test_the_lease_is_renewed_while_the_run_lasts_and_released_on_failure(tmp_path):
+    output = str(tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        with RunLease(output, SETTINGS, run_id="run-1", ttl_s=0.2).acquire() as lease:
+            tags = {lease.tag}
+            for _ in range(20):
+                time.sleep(0.05)
+                tags.add(lease.tag)
+            raise RuntimeError("boom")
+    assert len(tags) >= 3  # renewed every ttl/4
+    assert read_tagged(join(output, STATE, LEASE), SETTINGS) is None
