@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.baselines import CLASSIC_METHODS, available_methods
+from pipeline.baselines import CLASSIC_METHODS, ORACLE_METHODS, available_methods, true_sigma
 from pipeline.cluster import init_ray
 from pipeline.diffusion import SAMPLERS
 from pipeline.errors import PipelineError, first_line, validation_problems
@@ -72,7 +72,7 @@ class EvalConfig(BaseModel):
     @field_validator("methods")
     @classmethod
     def _known_methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
-        known = (*CLASSIC_METHODS, *SAMPLERS)
+        known = (*CLASSIC_METHODS, *ORACLE_METHODS, *SAMPLERS)
         unknown = [m for m in methods if m not in known]
         if unknown:
             raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
@@ -122,6 +122,8 @@ def evaluate_item(item: dict, *, crop: int | None, sidd: bool, denoiser: Denoise
             if denoiser is None:
                 raise RuntimeError("no model loaded for a model method")
             output = denoiser.denoise(noisy, sampler=method, steps=steps, tile=TILE, overlap=OVERLAP)
+        elif method in ORACLE_METHODS:  # given what no real photo tells: its true noise level
+            output = ORACLE_METHODS[method](noisy, true_sigma(clean, noisy))
         else:
             output = CLASSIC_METHODS[method](noisy)
         seconds = time.perf_counter() - start

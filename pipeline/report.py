@@ -26,7 +26,9 @@ from pipeline.storage import fsspec_for, is_s3, join, write_atomic
 # ---------------------------------------------------------------- summary
 
 def summarize(rows: list[dict], methods: Iterable[str]) -> list[dict]:
-    """One row per (method, K): mean PSNR/SSIM and median seconds per megapixel over the ok cells."""
+    """One row per (method, K): mean PSNR/SSIM with their standard errors and median seconds per megapixel
+    over the ok cells. The standard error (sample std / sqrt(n)) says how far a mean moves with other
+    pairs of the same kind: gaps well beyond twice it are real."""
     order = {m: i for i, m in enumerate(methods)}
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -37,8 +39,14 @@ def summarize(rows: list[dict], methods: Iterable[str]) -> list[dict]:
         summary.append({"method": method, "steps": steps, "ok": len(ok), "failed": len(groups[method, steps]) - len(ok),
                         "psnr": float(np.mean([r["psnr"] for r in ok])) if ok else math.nan,
                         "ssim": float(np.mean([r["ssim"] for r in ok])) if ok else math.nan,
+                        "psnr_se": _standard_error([r["psnr"] for r in ok]),
+                        "ssim_se": _standard_error([r["ssim"] for r in ok]),
                         "sec_per_mp": float(np.median([r["sec_per_mp"] for r in ok])) if ok else math.nan})
     return summary
+
+
+def _standard_error(values: list[float]) -> float:
+    return float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
 def best_steps(summary: list[dict]) -> dict[str, dict]:
@@ -68,12 +76,13 @@ def _fmt(value: float, digits: int) -> str:
 
 
 def summary_markdown(summary: list[dict], *, facts: dict, notes: list[str], failures: list[dict]) -> str:
-    lines = ["# Denoising evaluation", "", "| method | K | pairs ok | failed | PSNR (dB) | SSIM | s/MP (median) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["# Denoising evaluation", "",
+             "| method | K | pairs ok | failed | PSNR (dB) | ± s.e. | SSIM | ± s.e. | s/MP (median) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in summary:
         lines.append(f"| {row['method']} | {row['steps'] if row['steps'] is not None else '-'} | {row['ok']} | "
-                     f"{row['failed']} | {_fmt(row['psnr'], 2)} | {_fmt(row['ssim'], 4)} | "
-                     f"{_fmt(row['sec_per_mp'], 3)} |")
+                     f"{row['failed']} | {_fmt(row['psnr'], 2)} | {_fmt(row.get('psnr_se'), 2)} | "
+                     f"{_fmt(row['ssim'], 4)} | {_fmt(row.get('ssim_se'), 4)} | {_fmt(row['sec_per_mp'], 3)} |")
     best = best_steps(summary)
     if best:
         lines += ["", "## Best K per sampler", ""]
