@@ -60,6 +60,8 @@ class ModelSection(Section):
 class DiffusionConfig(Section):
     T: int = Field(1000, ge=1, description="number of interpolation steps between clean and noisy")
     loss: Literal["charbonnier", "l1", "l2"] = "charbonnier"
+    time_mass_at_T: float = Field(0.0, ge=0, le=1, description="share of training times drawn at t = T, where "
+                                  "every sampler makes its first call; the rest uniform on 1..T")
 
 
 class OptimizerConfig(Section):
@@ -70,6 +72,14 @@ class OptimizerConfig(Section):
     min_lr_ratio: float = Field(0.05, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
     grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm; null disables")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="EMA of the weights used for validation and export")
+    ema_half_life: float | None = Field(None, gt=0, le=1, description="EMA half-life as a share of the run's "
+                                        "steps; replaces ema_decay so the average spans the same part of any run")
+
+    def ema_decay_for(self, total_steps: int) -> float:
+        """The per-step EMA decay: ``ema_decay``, or 0.5 ** (1 / (ema_half_life * total_steps))."""
+        if self.ema_half_life is None:
+            return self.ema_decay
+        return 0.5 ** (1.0 / max(1.0, self.ema_half_life * total_steps))
 
 
 class TrainSection(Section):

@@ -27,7 +27,7 @@ import torch
 
 from pipeline.checkpoint import checkpoint_files, load_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.diffusion import sample, training_loss
+from pipeline.diffusion import sample, time_weights, training_loss
 from pipeline.errors import PipelineError
 from pipeline.images import to_uint8
 from pipeline.metrics import psnr, ssim
@@ -182,6 +182,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=device.type == "cuda" and config.train.bf16)
     shard = ray.train.get_dataset_shard("train")
+    ema_decay = opt.ema_decay_for(total)
+    t_weights = time_weights(config.diffusion.T, at_T=config.diffusion.time_mass_at_T)
 
     logger = val_pairs = None
     if rank == 0:
@@ -200,14 +202,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for batch in clock.waiting(nonempty_epoch(batches, rank=rank, batch_size=config.train.batch_size)):
             with autocast:
                 loss = training_loss(ddp_model.train(), batch["clean"], batch["noisy"], T=config.diffusion.T,
-                                     kind=config.diffusion.loss)
+                                     kind=config.diffusion.loss, weights=t_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if opt.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
             optimizer.step()
             scheduler.step()
-            update_ema(ema, model, decay=opt.ema_decay, step=step)
+            update_ema(ema, model, decay=ema_decay, step=step)
             step += 1
             losses.append(loss.detach())
             clock.stepped(step)
