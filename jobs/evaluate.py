@@ -16,9 +16,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.cli import field_option  # noqa: E402
 from pipeline.errors import exit_on_error  # noqa: E402
-from pipeline.evaluate import DEFAULT_METHODS, DEFAULT_STEPS, EvalConfig, evaluate  # noqa: E402
-from pipeline.modelstore import DEFAULT_MODEL_URI  # noqa: E402
+from pipeline.evaluate import EvalConfig, evaluate  # noqa: E402
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -41,36 +41,18 @@ def _optional_int(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
+PARSERS = {"methods": _csv, "steps": _steps, "limit": _optional_int, "crop": _optional_int}
+
+
 @exit_on_error
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", help="paired dataset written by jobs/ingest.py (s3://... or a local folder)")
-    parser.add_argument("--model", default=DEFAULT_MODEL_URI,
-                        help=f"models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint folder "
-                             f"(default {DEFAULT_MODEL_URI})")
-    parser.add_argument("--methods", type=_csv, default=DEFAULT_METHODS,
-                        help=f"comma-separated (default {','.join(DEFAULT_METHODS)}; "
-                             f"bm3d is skipped when not installed)")
-    parser.add_argument("--steps", type=_steps, default=DEFAULT_STEPS,
-                        help=f"sampling steps K for origin/improved, clipped to the model's T "
-                             f"(default {','.join(map(str, DEFAULT_STEPS))})")
-    parser.add_argument("--split", default="val", help="dataset split (default val)")
-    parser.add_argument("--limit", type=_optional_int, default=EvalConfig.model_fields["limit"].default,
-                        help="evaluate the first N pairs by key; 'none' for all (default %(default)s)")
-    parser.add_argument("--crop", type=_optional_int, default=EvalConfig.model_fields["crop"].default,
-                        help="centre crop side in pixels; 'none' for full images (default %(default)s)")
-    parser.add_argument("--report", default="reports/eval", help="report folder, local or s3:// (default %(default)s)")
-    parser.add_argument("--experiment", default="evaluation", help="MLflow experiment (default %(default)s)")
-    parser.add_argument("--local", action="store_true", help="run in this process without Ray (quick checks)")
-    parser.add_argument("--actors", type=int, default=EvalConfig.model_fields["actors"].default,
-                        help="model actors on Ray (default %(default)s)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per model actor")
+    for name in EvalConfig.model_fields:
+        field_option(parser, EvalConfig, name, **({"type": PARSERS[name]} if name in PARSERS else {}))
     args = parser.parse_args(argv)
 
-    config = EvalConfig.of(dataset=args.dataset, model=args.model, methods=args.methods, steps=args.steps,
-                           split=args.split, limit=args.limit, crop=args.crop, report=args.report,
-                           experiment=args.experiment, local=args.local, actors=args.actors, gpu=args.gpu)
+    config = EvalConfig.of(**vars(args))
 
     from pipeline.settings import load_settings
     from pipeline.storage import check_storage, is_s3

@@ -16,7 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.cli import field_option  # noqa: E402
+from pipeline.config import TrainConfig, load_config  # noqa: E402
 from pipeline.errors import exit_on_error  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
 
@@ -28,12 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML training config, e.g. configs/demo.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted for sections, value parsed as YAML); repeatable")
-    parser.add_argument("--name", help="run name (overrides run_name); reuse it to resume a run")
+    field_option(parser, TrainConfig, "run_name", "--name", metavar="RUN")
     parser.add_argument("--promote", action="store_true",
                         help="move alias `champion` to the new version if its val_psnr beats the champion's")
     args = parser.parse_args(argv)
 
-    overrides = args.overrides + ([f"run_name={args.name}"] if args.name else [])
+    overrides = args.overrides + ([f"run_name={args.run_name}"] if args.run_name else [])
     config = load_config(args.config, overrides)
     settings = load_settings()
 

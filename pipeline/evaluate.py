@@ -33,8 +33,6 @@ from pipeline.settings import Settings
 from pipeline.shards import DatasetError, center_crop, read_card, split_files
 from pipeline.storage import arrow_fs_for
 
-DEFAULT_METHODS = ("noisy", "nl_means", "wavelet", "tv", "bm3d", "direct", "origin", "improved")
-DEFAULT_STEPS = (1, 2, 5, 10)
 TILE, OVERLAP = 512, 32
 TASK_CPUS, ACTOR_CPUS, READ_CPUS = 0.5, 0.5, 0.25  # fractional: a 2-core cluster keeps room for reads
 PREVIEW_PAIRS, PREVIEW_SIZE = 2, 128
@@ -56,18 +54,22 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dataset: str
-    model: str = DEFAULT_MODEL_URI
-    methods: tuple[str, ...] = DEFAULT_METHODS
-    steps: tuple[int, ...] = DEFAULT_STEPS
-    split: str = "val"
-    limit: int | None = Field(3, ge=1, description="first N pairs by key; None for the whole split")
-    crop: int | None = Field(256, ge=8, description="centre crop side; None for full images")
-    report: str = "reports/eval"
-    experiment: str = "evaluation"
-    local: bool = False
+    dataset: str = Field(description="paired dataset written by jobs/ingest.py (s3://... or a local folder)")
+    model: str = Field(DEFAULT_MODEL_URI, description="models:/NAME@ALIAS, models:/NAME/VERSION or a checkpoint "
+                                                      "folder")
+    methods: tuple[str, ...] = Field(("noisy", "nl_means", "wavelet", "tv", "bm3d", "direct", "origin", "improved"),
+                                     description="methods to run, comma-separated; bm3d is skipped when not "
+                                                 "installed")
+    steps: tuple[int, ...] = Field((1, 2, 5, 10), description="sampling steps K for the samplers, comma-separated, "
+                                                              "clipped to the model's T")
+    split: str = Field("val", description="dataset split")
+    limit: int | None = Field(3, ge=1, description="evaluate the first N pairs by key; none for the whole split")
+    crop: int | None = Field(256, ge=8, description="centre crop side in pixels; none for full images")
+    report: str = Field("reports/eval", description="report folder, local or s3://")
+    experiment: str = Field("evaluation", description="MLflow experiment")
+    local: bool = Field(False, description="run in this process without Ray (quick checks)")
     actors: int = Field(2, ge=1, description="model actors on Ray")
-    gpu: bool = False
+    gpu: bool = Field(False, description="one GPU per model actor")
 
     @field_validator("methods")
     @classmethod

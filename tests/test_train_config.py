@@ -232,3 +232,35 @@ def test_scores_are_comparable_only_when_measured_the_same_way():
     assert comparability_problem({**base, "dataset_hash": "None"}, base) == "dataset_hash not recorded on both runs"
     older = {k: v for k, v in base.items() if k != "validation.limit"}
     assert comparability_problem(base, older) == "validation.limit not recorded on both runs"
+
+
+def test_job_options_are_the_config_fields(capsys):
+    """Defaults, parsing and help of a job's options come from its config model, not restated."""
+    import argparse
+    import importlib.util
+
+    from pipeline.cli import field_option
+    from pipeline.evaluate import EvalConfig
+
+    parser = argparse.ArgumentParser()
+    for name in EvalConfig.model_fields:
+        field_option(parser, EvalConfig, name, **({"type": int} if name == "limit" else {}))
+    args = vars(parser.parse_args(["s3://b/d"]))
+    assert EvalConfig.of(**args) == EvalConfig(dataset="s3://b/d")
+    assert parser.parse_args(["d", "--gpu", "--limit", "5"]).gpu is True
+    help_text = " ".join(parser.format_help().split())
+    assert "--limit LIMIT evaluate the first N pairs by key; none for the whole split (default 3)" in help_text
+    assert "(default noisy,nl_means" in help_text and "(default 1,2,5,10)" in help_text
+
+    for job, expected in (("ingest.py", ["--val-fraction VAL_FRACTION share of keys hashed to val (default 0.1)",
+                                         "--min-size MIN_SIZE shortest side accepted: the training patch size "
+                                         "(default 64)"]),
+                          ("evaluate.py", ["--actors ACTORS model actors on Ray (default 2)"]),
+                          ("train.py", ["--name RUN Ray Train run name; rerunning with it resumes"])):
+        spec = importlib.util.spec_from_file_location(f"job_{job[:-3]}", ROOT / "jobs" / job)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with pytest.raises(SystemExit) as done:
+            module.main(["--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert done.value.code == 0 and all(line in out for line in expected), (job, out)
