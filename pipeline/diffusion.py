@@ -6,8 +6,9 @@ the "terminal state"):
     D(x0, xT, t) = (1 - t/T) * x0 + (t/T) * xT,   t in {0, ..., T}
 
 Training draws t from {1..T} and teaches S(D(x0, y, t), t/T) to return x0.
-Sampling starts from the photo y at t = T and walks down a schedule of K
-steps that is independent of the training T.
+Sampling starts from the photo y at t = T and walks down to 0 in K steps,
+1 <= K <= T (DEFAULT_STEPS unless given); each step is one model call at an
+integer time in {1..T}, the times training drew.
 
 Sampler identity (why ``improved`` is stable): its update is
 
