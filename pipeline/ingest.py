@@ -34,12 +34,14 @@ from pipeline.shards import CARD, QUARANTINE, SPLITS, write_json, write_shard
 from pipeline.storage import check_storage, fsspec_for, is_s3, join, strip_scheme
 from pipeline.version import code_version
 
-DEMO_SOURCE = "demo:"
-# The photos bundled with scikit-image (no download): the demo set plus four textures.
-DEMO_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-               "camera", "coins", "moon", "brick", "grass", "gravel", "clock")
-DEMO_SIZE = 384
-DEMO_VARIANTS = 2
+DEMO_SOURCE = "demo:"  # scikit-image's training photos (train) + the validation blocks (val)
+DEMO_TEST_SOURCE = "demo-test:"  # the test blocks: test photos, the held-out test camera (split test)
+DEMO_SOURCES = (DEMO_SOURCE, DEMO_TEST_SOURCE)
+DEMO_VARIANTS = 2  # noisy variants per demo training photo with --noise camera
+# One demo training photo per shard, so the reader's tasks spread over the cluster; the small
+# validation and test blocks go 64 to a shard.
+DEMO_PHOTOS_PER_SHARD, DEMO_BLOCKS_PER_SHARD = 1, 64
+NOISE_MODES = ("camera", "fresh", "test-camera")
 
 
 class IngestError(PipelineError):
@@ -51,13 +53,16 @@ class IngestConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field(description="local folder or s3:// prefix (or 'demo:' for the bundled demo photos)")
+    source: str = Field(description="local folder or s3:// prefix ('demo:' / 'demo-test:': the bundled photos)")
     dest: str = Field(description="s3:// prefix (or local folder) that receives the dataset")
     layout: Literal[LAYOUTS]  # type: ignore[valid-type]
     name: str | None = Field(None, description="dataset name; default: the last part of dest")
     val_fraction: float = Field(0.1, ge=0, le=1)
     seed: int = 0
-    noise: Literal["camera"] | None = Field(None, description="synthesize the noisy side (layout 'clean' only)")
+    noise: Literal[NOISE_MODES] | None = Field(  # type: ignore[valid-type]
+        None, description="layout 'clean' only: 'camera' synthesizes the noisy side here (training camera); "
+                          "'fresh' stores train photos clean, for new noise on every read, and gives val pairs "
+                          "fixed noise; 'test-camera' synthesizes with the held-out test camera")
     variants: int = Field(1, ge=1, description="noisy variants per clean photo")
     clean_template: str | None = None
     noisy_template: str | None = None
@@ -70,24 +75,30 @@ class IngestConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _demo_defaults(cls, values: dict) -> dict:
-        if isinstance(values, dict) and values.get("source") == DEMO_SOURCE:
-            defaults = {"layout": "clean", "noise": "camera", "variants": DEMO_VARIANTS}
+        if isinstance(values, dict) and values.get("source") in DEMO_SOURCES:
+            noise = values.get("noise") or ("fresh" if values["source"] == DEMO_SOURCE else "test-camera")
+            defaults = {"layout": "clean", "noise": noise, "pairs_per_shard": DEMO_PHOTOS_PER_SHARD,
+                        **({"variants": DEMO_VARIANTS} if noise == "camera" else {})}
             values = {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}
         return values
 
     @model_validator(mode="after")
     def _consistent(self) -> "IngestConfig":
-        if self.source == DEMO_SOURCE and self.layout != "clean":
-            raise ValueError("the demo source is a folder of clean photos: use layout 'clean' (the default)")
+        if self.source in DEMO_SOURCES and self.layout != "clean":
+            raise ValueError("the demo sources are clean photos: use layout 'clean' (the default)")
+        if self.source == DEMO_TEST_SOURCE and self.noise != "test-camera":
+            raise ValueError("the demo test set is made with the held-out camera: --noise test-camera (the default)")
+        if self.source == DEMO_SOURCE and self.noise == "test-camera":
+            raise ValueError("the demo training set never uses the test camera: --noise fresh or camera")
         if self.layout == "clean" and self.noise is None:
-            raise ValueError("layout 'clean' has no noisy side: add --noise camera")
+            raise ValueError("layout 'clean' has no noisy side: add --noise fresh (or camera)")
         if self.noise is not None and self.layout != "clean":
             raise ValueError("--noise applies to layout 'clean' only (other layouts bring their noisy side)")
         if self.variants > 1 and self.noise is None:
             raise ValueError("--variants needs --noise")
         if (self.clean_template or self.noisy_template) and self.layout != "mirrored":
             raise ValueError("--clean-template/--noisy-template apply to layout 'mirrored' only")
-        if self.source != DEMO_SOURCE and _nested(self.source, self.dest):
+        if self.source not in DEMO_SOURCES and _nested(self.source, self.dest):
             raise ValueError(f"dest {self.dest} and source {self.source} overlap; the source is never written to")
         return self
 
@@ -135,28 +146,39 @@ def _quantize_like(values: np.ndarray, like: np.ndarray) -> np.ndarray:
 
 def pair_rows(pair: Pair, clean: np.ndarray, noisy: np.ndarray | None, *, split: str,
               config: IngestConfig, source: str) -> list[dict]:
-    """Shard rows of one loaded pair; a clean-only photo gives ``variants`` synthesized pairs."""
+    """Shard rows of one loaded pair; a clean-only photo gives ``variants`` synthesized pairs, or,
+    with ``--noise fresh`` in the train split, one row without a noisy side (the reader adds noise)."""
     from pipeline.noise import synthesize_pair
 
     meta = {**pair.meta, "noisy_source": _uri(source, pair.noisy_path), "bit_depth": clean.dtype.itemsize * 8}
     if noisy is not None:
         sides = [(pair.key, clean, noisy, meta)]
+    elif config.noise == "fresh" and split == "train":
+        sides = [(pair.key, clean, None, {**meta, "noise": "fresh"})]
     else:
+        model = camera_for(config.noise)
         sides = []
         for variant in range(config.variants):
             # Seeded by (seed, key, variant): the same photo gets the same noise in any order or shard.
             rng = np.random.default_rng([config.seed, _key_seed(pair.key), variant])
-            target, noisy_float, camera = synthesize_pair(to_float(clean), rng)
+            target, noisy_float, camera = synthesize_pair(to_float(clean), rng, model=model)
             sides.append((f"{pair.key}_v{variant}", _quantize_like(target, clean), _quantize_like(noisy_float, clean),
                           {**meta, "noise": config.noise, "variant": variant, "camera": camera}))
     rows = []
     for key, clean_pixels, noisy_pixels, row_meta in sides:
-        clean_png, noisy_png = encode_png(clean_pixels), encode_png(noisy_pixels)
+        clean_png, noisy_png = encode_png(clean_pixels), None if noisy_pixels is None else encode_png(noisy_pixels)
         rows.append({"key": key, "split": split, "clean": clean_png, "noisy": noisy_png,
                      "height": clean_pixels.shape[0], "width": clean_pixels.shape[1],
                      "source": _uri(source, pair.clean_path), "layout": config.layout,
                      "meta": json.dumps(row_meta, sort_keys=True), "pair_hash": pair_hash(clean_png, noisy_png)})
     return rows
+
+
+def camera_for(noise: str | None):
+    """The camera model a noise mode synthesizes with."""
+    from pipeline.noise import TEST_CAMERA, TRAIN_CAMERA
+
+    return TEST_CAMERA if noise == "test-camera" else TRAIN_CAMERA
 
 
 def _rejection(source: str, path: str | None, reason: str, **extra) -> dict:
@@ -201,7 +223,8 @@ def plan_shards(pairs: list[Pair], config: IngestConfig) -> list[ShardPlan]:
     plans = []
     for split, members in by_split.items():
         members.sort(key=lambda p: p.key)
-        size = config.pairs_per_shard
+        blocks = config.source in DEMO_SOURCES and split != "train"
+        size = max(config.pairs_per_shard, DEMO_BLOCKS_PER_SHARD) if blocks else config.pairs_per_shard
         plans += [ShardPlan(split, n, tuple(members[start:start + size]))
                   for n, start in enumerate(range(0, len(members), size))]
     return plans
@@ -288,7 +311,8 @@ def _run_shards(plans: list[ShardPlan], config: IngestConfig, source: str, setti
     return results
 
 
-def _card(config: IngestConfig, results: list[dict], source_pairs: int, rejected: int) -> dict:
+def _card(config: IngestConfig, results: list[dict], source_pairs: int, rejected: int,
+          extra: dict | None = None) -> dict:
     hashes = {row["key"]: row["pair_hash"] for result in results for row in result["rows"]}
     counts = {split: sum(len(r["rows"]) for r in results if r["split"] == split) for split in SPLITS}
     sizes = {split: {"pixels": sum(row["pixels"] for r in results if r["split"] == split for row in r["rows"]),
@@ -297,14 +321,15 @@ def _card(config: IngestConfig, results: list[dict], source_pairs: int, rejected
                            if r["split"] == split and r["path"]) for split in SPLITS}
     return {
         "name": config.dataset_name,
-        "source": config.source if is_s3(config.source) or config.source == DEMO_SOURCE
+        "source": config.source if is_s3(config.source) or config.source in DEMO_SOURCES
         else strip_scheme(config.source),
         "layout": config.layout,
         "templates": {"clean": config.clean_template, "noisy": config.noisy_template},
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         "min_size": config.min_size,
-        "noise": {"model": config.noise, "variants": config.variants} if config.noise else None,
+        "noise": {"model": config.noise, "variants": config.variants,
+                  "camera": camera_for(config.noise).ranges()} if config.noise else None,
         "counts": {**counts, "total": sum(counts.values()), "source_pairs": source_pairs, "rejected": rejected},
         "sizes": {**sizes, "total": {k: sum(s[k] for s in sizes.values()) for k in ("pixels", "bytes")}},
         "files": files,
@@ -312,6 +337,7 @@ def _card(config: IngestConfig, results: list[dict], source_pairs: int, rejected
         "dataset_hash": dataset_hash(hashes),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "code_version": code_version(),
+        **(extra or {}),
     }
 
 
@@ -321,16 +347,50 @@ def ingest(config: IngestConfig, settings: Settings, *, log: Callable[[str], Non
     Raises :class:`IngestError` when no pair is usable, or with ``strict`` when anything was
     rejected (then no shards are left); ``quarantine.json`` says why in both cases.
     """
-    if config.source == DEMO_SOURCE:
-        from pipeline.demo_data import write_demo_tree
-
+    if config.source in DEMO_SOURCES:
         with tempfile.TemporaryDirectory(prefix="denoise-demo-") as folder:
-            write_demo_tree(folder, "clean", size=DEMO_SIZE, seed=config.seed, names=DEMO_PHOTOS)
-            return _ingest(config, settings, source=folder, log=log)
+            pairs, extra = write_demo_source(folder, test=config.source == DEMO_TEST_SOURCE, seed=config.seed)
+            return _ingest(config, settings, source=folder, log=log, found=(pairs, []), extra=extra)
     return _ingest(config, settings, source=config.source, log=log)
 
 
-def _ingest(config: IngestConfig, settings: Settings, *, source: str, log: Callable[[str], None]) -> dict:
+def write_demo_source(folder: str, *, test: bool, seed: int) -> tuple[list[Pair], dict]:
+    """Write the demo photos and blocks as PNGs under ``folder``; their pairs (splits fixed) and
+    what the card says about them (the photo split, the noise levels, the blocks' noisy PSNR)."""
+    from pathlib import Path
+
+    from pipeline.demo_data import (PHOTO_SIZE, SHOT_LEVELS, TEST_PHOTOS, TRAIN_PHOTOS, VAL_PHOTOS, demo_image,
+                                    psnr_summary, test_blocks, validation_blocks)
+    from pipeline.metrics import psnr
+
+    root = Path(folder)
+    pairs = []
+    if not test:
+        (root / "train").mkdir(parents=True)
+        for name in TRAIN_PHOTOS:
+            path = root / "train" / f"{name}.png"
+            path.write_bytes(encode_png(demo_image(name, PHOTO_SIZE)))
+            pairs.append(Pair(name, str(path), None, {"photo": name}, split="train"))
+    split = "test" if test else "val"
+    blocks = test_blocks(seed=seed) if test else validation_blocks(seed=seed)
+    for side in ("clean", "noisy"):
+        (root / split / side).mkdir(parents=True)
+    for item in blocks:
+        paths = {side: root / split / side / f"{item['key']}.png" for side in ("clean", "noisy")}
+        for side, path in paths.items():
+            path.write_bytes(encode_png(item[side]))
+        pairs.append(Pair(item["key"], str(paths["clean"]), str(paths["noisy"]), item["meta"], split=split))
+    scores = [psnr(to_float(b["clean"]), to_float(b["noisy"])) for b in blocks]
+    strata = [(b["meta"]["photo"], b["meta"]["level"]) for b in blocks]
+    return pairs, {"demo": {
+        "photos": {"train": list(TRAIN_PHOTOS), "val": list(VAL_PHOTOS), "test": list(TEST_PHOTOS)},
+        "blocks": {"split": split, "side": blocks[0]["clean"].shape[0], "shot_levels": list(SHOT_LEVELS),
+                   "camera": camera_for("test-camera" if test else "camera").name,
+                   "noisy_psnr": psnr_summary(scores, strata)}}}
+
+
+def _ingest(config: IngestConfig, settings: Settings, *, source: str, log: Callable[[str], None],
+            found: tuple[list[Pair], list] | None = None, extra: dict | None = None) -> dict:
     from pipeline.cluster import init_ray
 
     for uri in {source, config.dest}:
@@ -339,8 +399,8 @@ def _ingest(config: IngestConfig, settings: Settings, *, source: str, log: Calla
     _check_dest(config, settings)
     fs, root = fsspec_for(source, settings)
     try:
-        pairs, found_rejected = discover(fs, root, config.layout, clean_template=config.clean_template,
-                                         noisy_template=config.noisy_template)
+        pairs, found_rejected = found or discover(fs, root, config.layout, clean_template=config.clean_template,
+                                                  noisy_template=config.noisy_template)
     except ValueError as exc:
         raise IngestError(str(exc)) from None
     discovery_rejected = [_rejection(source, r.path, r.reason) for r in found_rejected]
@@ -365,7 +425,7 @@ def _ingest(config: IngestConfig, settings: Settings, *, source: str, log: Calla
         raise
     rejected = discovery_rejected + [r for result in results for r in result["rejected"]]
     _write_quarantine(config, settings, rejected)
-    card = _card(config, results, len(pairs), len(rejected))
+    card = _card(config, results, len(pairs), len(rejected), extra)
     if not card["counts"]["total"]:
         _remove_shards(config, settings)
         raise IngestError(f"no valid pair in {config.source}: all {len(rejected)} rejected; "
@@ -376,12 +436,12 @@ def _ingest(config: IngestConfig, settings: Settings, *, source: str, log: Calla
                           f"reasons in {quarantine_uri}")
     write_json(config.dest, CARD, card, settings)
     counts = card["counts"]
-    log(f"ingested {counts['total']} pairs (train {counts['train']}, val {counts['val']}) from "
+    log(f"ingested {counts['total']} pairs (train {counts['train']}, val {counts['val']}, test {counts['test']}) from "
         f"{counts['source_pairs']} source pairs; rejected {counts['rejected']} -> {quarantine_uri}")
     log(f"dataset {config.dest}: {join(config.dest, 'train')}/ ({len(card['files']['train'])} shards), "
         f"{join(config.dest, 'val')}/ ({len(card['files']['val'])} shards), card {join(config.dest, CARD)}, "
         f"dataset_hash {card['dataset_hash'][:16]}")
-    if counts["val"] == 0 and config.val_fraction > 0:
+    if counts["val"] == 0 and counts["test"] == 0 and config.val_fraction > 0:
         log(f"warning: no pair landed in val (val_fraction {config.val_fraction}); training needs some: "
             f"raise --val-fraction or change --seed")
     return card

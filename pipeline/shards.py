@@ -3,7 +3,8 @@
 Layout of a dataset at ``DEST``::
 
     DEST/train/part-00000.parquet ...   rows: key, split, clean, noisy (PNG bytes), height, width,
-    DEST/val/part-00000.parquet ...           source, layout, meta (JSON), pair_hash
+    DEST/val/part-00000.parquet ...           source, layout, meta (JSON), pair_hash; noisy is null
+    DEST/test/part-00000.parquet ...          for a clean photo that the reader gives fresh noise
     DEST/dataset.json                   the card: counts, sizes, source, seed, hashes, code version
     DEST/quarantine.json                what was rejected, with the reason
 
@@ -27,7 +28,7 @@ from pipeline.images import decode_png_float
 from pipeline.settings import Settings
 from pipeline.storage import arrow_fs_for, fsspec_for, join, write_atomic
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")  # test: only in test sets, for judging
 CARD = "dataset.json"
 QUARANTINE = "quarantine.json"
 SCHEMA = pa.schema([

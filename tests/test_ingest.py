@@ -97,7 +97,7 @@ def run(settings: Settings, **values) -> dict:
 # ---------------------------------------------------------------- pure parts (no stack)
 
 def test_config_is_checked_once_with_readable_errors():
-    with pytest.raises(IngestError, match="add --noise camera"):
+    with pytest.raises(IngestError, match="add --noise fresh"):
         make_config(source="a", dest="b", layout="clean")
     with pytest.raises(IngestError, match="layout 'clean' only"):
         make_config(source="a", dest="b", layout="mirrored", noise="camera")
@@ -108,7 +108,13 @@ def test_config_is_checked_once_with_readable_errors():
     with pytest.raises(IngestError, match="val_fraction"):
         make_config(source="a", dest="b", layout="sidd", val_fraction=1.5)
     demo = make_config(source="demo:", dest="s3://denoise/datasets/demo")
-    assert (demo.layout, demo.noise, demo.variants, demo.dataset_name) == ("clean", "camera", 2, "demo")
+    assert (demo.layout, demo.noise, demo.variants, demo.dataset_name) == ("clean", "fresh", 1, "demo")
+    assert make_config(source="demo:", dest="s3://denoise/d", noise="camera").variants == 2
+    assert make_config(source="demo-test:", dest="s3://denoise/datasets/demo-test").noise == "test-camera"
+    with pytest.raises(IngestError, match="never uses the test camera"):
+        make_config(source="demo:", dest="b", noise="test-camera")
+    with pytest.raises(IngestError, match="held-out camera"):
+        make_config(source="demo-test:", dest="b", noise="fresh")
 
 
 def test_shard_plan_depends_on_keys_not_listing_order():
@@ -143,6 +149,50 @@ def test_clean_photos_become_reproducible_variants_without_the_stack(tmp_path):
     assert noisy.dtype == np.uint16 and noisy.shape == (64, 80, 3)
     meta = json.loads(table[0]["meta"])
     assert meta["variant"] == 0 and meta["bit_depth"] == 16 and meta["camera"]["shot_noise"] > 0
+
+
+def test_fresh_noise_keeps_train_photos_clean_and_gives_val_photos_fixed_noise(tmp_path):
+    write(tmp_path / "src" / "a.png", encode_png(random_rgb(64, 64, seed=2)))
+    config = make_config(source=str(tmp_path / "src"), dest=str(tmp_path / "out"), layout="clean", noise="fresh",
+                         variants=2)
+    pair = Pair("a", str(tmp_path / "src" / "a.png"), None)
+    train = ingest_shard(plan_shards([pair], config.model_copy(update={"val_fraction": 0.0}))[0], config,
+                         config.source, Settings())
+    stored = pq.read_table(train["path"]).to_pylist()
+    assert [r["key"] for r in stored] == ["a"] and stored[0]["noisy"] is None
+    assert json.loads(stored[0]["meta"])["noise"] == "fresh"
+    val_plan = plan_shards([pair], config.model_copy(update={"val_fraction": 1.0}))[0]
+    val = pq.read_table(ingest_shard(val_plan, config, config.source, Settings())["path"]).to_pylist()
+    assert [r["key"] for r in val] == ["a_v0", "a_v1"] and all(r["noisy"] for r in val)
+    assert json.loads(val[0]["meta"])["camera"]["model"] == "train"
+    tested = make_config(source=str(tmp_path / "src"), dest=str(tmp_path / "t"), layout="clean", noise="test-camera")
+    rows = ingest_shard(val_plan, tested, tested.source, Settings())
+    assert json.loads(pq.read_table(rows["path"]).to_pylist()[0]["meta"])["camera"]["model"] == "test"
+
+
+def test_demo_sources_split_the_photos_and_measure_their_blocks(tmp_path):
+    from pipeline.demo_data import TEST_PHOTOS, TRAIN_PHOTOS, VAL_PHOTOS
+    from pipeline.ingest import write_demo_source
+
+    assert not (set(TRAIN_PHOTOS) & set(VAL_PHOTOS) or set(TRAIN_PHOTOS) & set(TEST_PHOTOS)
+                or set(VAL_PHOTOS) & set(TEST_PHOTOS))
+    pairs, extra = write_demo_source(str(tmp_path / "demo"), test=False, seed=0)
+    by_split = {split: [p for p in pairs if p.split == split] for split in ("train", "val")}
+    assert [p.key for p in by_split["train"]] == list(TRAIN_PHOTOS)
+    assert all(p.noisy_path is None for p in by_split["train"])
+    assert {p.meta["photo"] for p in by_split["val"]} == set(VAL_PHOTOS)
+    assert {p.meta["level"] for p in by_split["val"]} == {0, 1, 2}
+    noisy_psnr = extra["demo"]["blocks"]["noisy_psnr"]
+    assert noisy_psnr["blocks"] == len(by_split["val"]) >= 300
+    assert noisy_psnr["stratified_standard_error"] < 0.1
+    config = make_config(source="demo:", dest=str(tmp_path / "out"))
+    plans = plan_shards(pairs, config)
+    assert sum(p.split == "train" for p in plans) == len(TRAIN_PHOTOS)   # one photo per reader task
+    assert all(len(p.pairs) <= 64 for p in plans)
+    test_pairs, test_extra = write_demo_source(str(tmp_path / "test"), test=True, seed=0)
+    assert {p.split for p in test_pairs} == {"test"} and {p.meta["photo"] for p in test_pairs} == set(TEST_PHOTOS)
+    assert {p.meta["camera"]["model"] for p in test_pairs} == {"test"}
+    assert test_extra["demo"]["blocks"]["camera"] == "test"
 
 
 # ---------------------------------------------------------------- end to end on the stack
@@ -314,7 +364,8 @@ def test_demo_photos_with_noise_variants_ingest_reproducibly(tmp_path, settings,
     assert first["dataset_hash"] == second["dataset_hash"] and first["pair_hashes"] == second["pair_hashes"]
     assert first["created_at"] != second["created_at"]
     assert sorted(first["pair_hashes"]) == sorted(f"{n}_v{k}" for n in names for k in (0, 1))
-    assert first["noise"] == {"model": "camera", "variants": 2}
+    assert {k: first["noise"][k] for k in ("model", "variants")} == {"model": "camera", "variants": 2}
+    assert first["noise"]["camera"]["name"] == "train" and first["counts"]["test"] == 0
     rows = stored_rows(f"{s3_prefix}/a", settings)
     for name in names:  # variants of one photo never straddle train/val
         assert rows[f"{name}_v0"]["split"] == rows[f"{name}_v1"]["split"] == split_for(name, 0.5, 0)
