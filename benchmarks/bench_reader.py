@@ -1,18 +1,25 @@
-"""Is the training reader ever the bottleneck? Pairs/s of three consumers of the same shards.
+"""Is the training reader ever the bottleneck? Patches/s of the reader against what a training step eats.
+
+For each dataset kind, stored pairs (noise made at ingest) and clean photos (fresh noise
+synthesized in the reader's tasks, a new camera per crop):
 
 1. the Ray Data reader (``shards.training_patches``) iterated as a train worker does it,
    with ``iter_torch_batches``; timed per epoch, start-up included (its time to the first
    batch is printed too);
-2. a plain single-process loop over the same shards: pyarrow read, PNG decode, ``aligned_crops``;
-3. what the training step eats: forward + backward + AdamW step of the model preset on the
-   same batch size, patches/s turned into pairs/s through ``crops_per_image``.
+2. a plain single-process loop over the same shards: pyarrow read, PNG decode, crops (and,
+   for clean photos, the noise synthesis), i.e. ``shards.random_crops``;
 
-Every figure is the median of ``--repeats`` runs; ratios are printed at the end. Not a test.
+and 3. what the training step eats: forward + backward + AdamW step of the model preset on the
+same batch and patch size, in patches/s.
 
-    python benchmarks/bench_reader.py [--dataset s3://denoise/datasets/demo] [--repeats 5]
+Every figure is the median of ``--repeats`` runs; ratios are printed at the end, with the
+machine's load average before and after (the reader and the step share its cores). Not a test.
 
-Without ``--dataset`` it ingests the demo photos (``demo:``) with 8 noise variants each
-(112 pairs of about 384x384) to s3://<bucket>/bench/reader-demo once and reuses them.
+    python benchmarks/bench_reader.py [--repeats 5] [--crops-per-image 32] [--preset tiny]
+
+Without ``--stored``/``--fresh`` it ingests the demo photos once into s3://<bucket>/bench/:
+``reader-demo-camera`` (``demo: --noise camera --variants 8``: 72 stored pairs) and
+``reader-demo-fresh`` (``demo:``: the 9 training photos, clean), and reuses them.
 """
 
 from __future__ import annotations
@@ -25,28 +32,26 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipeline.images import decode_png_float  # noqa: E402
 from pipeline.settings import Settings, load_settings  # noqa: E402
-from pipeline.shards import DatasetError, aligned_crops, read_card, split_files, training_patches  # noqa: E402
+from pipeline.shards import DatasetError, random_crops, read_card, split_files, training_patches  # noqa: E402
 from pipeline.storage import arrow_fs_for  # noqa: E402
 
 
-def ensure_dataset(uri: str | None, settings: Settings) -> str:
+def ensure_dataset(uri: str | None, settings: Settings, *, name: str, **ingest_options) -> str:
     from pipeline.ingest import ingest, make_config
 
-    uri = uri or settings.uri("bench", "reader-demo")
+    uri = uri or settings.uri("bench", name)
     try:
         read_card(uri, settings)
     except DatasetError:
-        ingest(make_config(source="demo:", dest=uri, variants=8, task_cpus=0.5), settings)
+        ingest(make_config(source="demo:", dest=uri, task_cpus=0.5, **ingest_options), settings)
     return uri
 
 
 def ray_reader(uri: str, settings: Settings, *, patch: int, crops: int, batch: int) -> tuple[float, float, int]:
-    """(seconds for the epoch, seconds to its first batch, pairs) of one epoch as a train worker reads it."""
+    """(seconds for the epoch, seconds to its first batch, patches) of one epoch as a train worker reads it."""
     import torch
 
     start = time.perf_counter()
@@ -57,21 +62,19 @@ def ray_reader(uri: str, settings: Settings, *, patch: int, crops: int, batch: i
         patches += len(item["clean"])
         first = first or time.perf_counter()
     end = time.perf_counter()
-    return end - start, (first or end) - start, patches // crops
+    return end - start, (first or end) - start, patches
 
 
 def plain_loop(uri: str, settings: Settings, *, patch: int, crops: int) -> tuple[float, int]:
-    """(seconds, pairs) of the same work in one process: read, decode, crop."""
+    """(seconds, patches) of the same work in one process: read, decode, crop (and synthesize)."""
     fs, _ = arrow_fs_for(uri, settings)
-    rng = np.random.default_rng()
     start = time.perf_counter()
-    pairs = 0
+    patches = 0
     for path in split_files(uri, "train", settings):
-        for row in pq.read_table(path, filesystem=fs, columns=["clean", "noisy"]).to_pylist():
-            aligned_crops(decode_png_float(row["clean"]), decode_png_float(row["noisy"]),
-                          patch_size=patch, crops=crops, rng=rng)
-            pairs += 1
-    return time.perf_counter() - start, pairs
+        table = pq.read_table(path, filesystem=fs, columns=["key", "clean", "noisy"])
+        out = random_crops(table.to_pydict(), patch_size=patch, crops_per_image=crops, seed=None)
+        patches += len(out["clean"])
+    return time.perf_counter() - start, patches
 
 
 def train_step_seconds(preset: str, *, patch: int, batch: int, repeats: int) -> float:
@@ -100,13 +103,19 @@ def train_step_seconds(preset: str, *, patch: int, batch: int, repeats: int) -> 
     return statistics.median(times)
 
 
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--dataset", help="dataset URI (default: the demo photos, ingested once)")
+    parser.add_argument("--stored", help="dataset of stored pairs (default: the demo photos, camera noise)")
+    parser.add_argument("--fresh", help="dataset of clean photos (default: the demo training photos)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--patch-size", type=int, default=64)
-    parser.add_argument("--crops-per-image", type=int, default=8)
+    parser.add_argument("--crops-per-image", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--preset", default="tiny", help="model preset of the training step (tiny)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads for the training step")
@@ -122,31 +131,39 @@ def main() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
-    uri = ensure_dataset(args.dataset, settings)
+    datasets = {
+        "stored pairs": ensure_dataset(args.stored, settings, name="reader-demo-camera", noise="camera", variants=8),
+        "clean photos, fresh noise": ensure_dataset(args.fresh, settings, name="reader-demo-fresh"),
+    }
     shape = dict(patch=args.patch_size, crops=args.crops_per_image)
     cpus = ray.cluster_resources().get("CPU", 0)
-    print(f"dataset {uri}: {read_card(uri, settings)['counts']['train']} train pairs; patch {args.patch_size}, "
-          f"{args.crops_per_image} crops/pair, batch {args.batch_size}; Ray cluster {cpus:g} CPUs, "
-          f"{os.cpu_count()} cores here; medians of {args.repeats} runs")
+    before = load()
+    print(f"patch {args.patch_size}, {args.crops_per_image} crops/pair, batch {args.batch_size}; Ray cluster "
+          f"{cpus:g} CPUs; medians of {args.repeats} runs; before: {before}")
 
-    reader = [ray_reader(uri, settings, batch=args.batch_size, **shape) for _ in range(args.repeats + 1)][1:]
-    pairs = reader[0][2]
-    reader_epoch = pairs / statistics.median(r[0] for r in reader)
-    first_batch = statistics.median(r[1] for r in reader)
-    plain = [plain_loop(uri, settings, **shape) for _ in range(args.repeats)]
-    plain_rate = plain[0][1] / statistics.median(p[0] for p in plain)
+    rates = {}
+    for kind, uri in datasets.items():
+        pairs = read_card(uri, settings)["counts"]["train"]
+        reader = [ray_reader(uri, settings, batch=args.batch_size, **shape) for _ in range(args.repeats + 1)][1:]
+        plain = [plain_loop(uri, settings, **shape) for _ in range(args.repeats)]
+        rates[kind] = {"reader": reader[0][2] / statistics.median(r[0] for r in reader),
+                       "first": statistics.median(r[1] for r in reader),
+                       "plain": plain[0][1] / statistics.median(p[0] for p in plain), "pairs": pairs, "uri": uri}
     torch.set_num_threads(args.threads)
     step = train_step_seconds(args.preset, patch=args.patch_size, batch=args.batch_size, repeats=args.repeats)
-    train_rate = args.batch_size / step / args.crops_per_image
+    train_rate = args.batch_size / step
+    after = load()
 
-    print(f"{'consumer':48s} {'pairs/s':>9s} {'patches/s':>10s}")
-    for name, rate in (("Ray Data reader, epoch incl. start-up", reader_epoch),
-                       ("plain loop, one process (read+decode+crop)", plain_rate),
-                       (f"training step, {args.preset}, {args.threads} threads", train_rate)):
-        print(f"{name:48s} {rate:9.1f} {rate * args.crops_per_image:10.0f}")
-    print(f"Ray Data reader: {first_batch:.1f} s to the first batch of an epoch")
-    print(f"reader / plain loop:     {reader_epoch / plain_rate:6.2f}x")
-    print(f"reader / training step:  {reader_epoch / train_rate:6.2f}x (goal >= 3x)")
+    print(f"{'consumer':58s} {'patches/s':>10s}")
+    for kind, r in rates.items():
+        print(f"{'Ray Data reader, ' + kind + ', epoch incl. start-up':58s} {r['reader']:10.0f}   "
+              f"({r['pairs']} pairs in {r['uri']}; {r['first']:.1f} s to the first batch)")
+        print(f"{'plain loop, one process, ' + kind:58s} {r['plain']:10.0f}")
+    print(f"{f'training step, {args.preset}, {args.threads} threads':58s} {train_rate:10.0f}")
+    for kind, r in rates.items():
+        print(f"reader / training step, {kind}: {r['reader'] / train_rate:6.2f}x (goal >= 3x); "
+              f"reader / plain loop {r['reader'] / r['plain']:.2f}x")
+    print(f"after: {after}")
 
 
 if __name__ == "__main__":

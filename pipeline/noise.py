@@ -233,8 +233,11 @@ def encode(linear: np.ndarray, params: dict) -> np.ndarray:
 
 
 def decode(display: np.ndarray, params: dict) -> np.ndarray:
-    """Inverse of :func:`encode` (the tone curve inverted through a fine lookup table)."""
-    encoded = np.interp(np.clip(display, 0.0, 1.0), _tone(_GRID, params), _GRID)
+    """Inverse of :func:`encode` (the tone curve inverted through a lookup table on a uniform grid)."""
+    table = np.interp(_GRID, _tone(_GRID, params), _GRID).astype(np.float32)
+    position = np.clip(np.asarray(display, np.float32), 0.0, 1.0) * np.float32(len(_GRID) - 1)
+    index = np.minimum(position.astype(np.int32), len(_GRID) - 2)
+    encoded = table[index] + (position - index) * (table[index + 1] - table[index])
     gamma = params["gamma"]
     linear = np.power(encoded, gamma) if gamma is not None else _srgb_eotf(encoded)
     return linear.astype(np.float32)
