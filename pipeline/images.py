@@ -9,17 +9,24 @@ noisy sides of a pair are always converted the same way:
   stored, because a denoising pair must keep the sensor values, not a blend;
 * palette images are expanded to RGB; CMYK and YCbCr are converted by Pillow's
   plain formulas (ICC profiles are ignored);
-* the EXIF orientation tag is applied, so the array is upright as a viewer shows it;
+* the EXIF orientation tag is applied, so the array is upright as a viewer shows it; a tag
+  that is not an integer 1..8 (stored as text, bytes, a fraction or a float, or 0, 9+) is
+  ignored rather than refused: a malformed tag says nothing reliable, so the pixels are kept as
+  stored (of a tag with several values Pillow keeps the first);
 * multi-frame files (GIF, multi-page TIFF) contribute their first frame only;
-* float and 32-bit integer images are rejected.
+* float and 32-bit integer images are rejected;
+* the file's contents are only ever parsed as PNG, JPEG, TIFF, BMP, WebP, PPM (PGM/PNM)
+  or GIF, whatever its name says: Pillow's other plug-ins (EPS and its Ghostscript
+  call, PSD, ...) never see input bytes.
 
-Any failure is an :class:`ImageError` whose ``reason`` is short enough for a
-quarantine report.
+Any failure, whatever the decoder raised on hostile bytes, is an :class:`ImageError`
+whose ``reason`` is short enough for a quarantine report.
 """
 
 from __future__ import annotations
 
 import io
+import operator
 import re
 import struct
 import sys
@@ -29,7 +36,11 @@ import zlib
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.errors import first_line
+
 DEFAULT_MAX_PIXELS = 100_000_000
+# Pillow plug-ins allowed to parse input bytes.
+FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "PPM", "GIF")
 
 _EXIF_ORIENTATION = 0x0112
 _SIGNATURES = (
@@ -40,6 +51,15 @@ _SIGNATURES = (
     (b"BM", "BMP"),
     (b"GIF8", "GIF"),
     (b"RIFF", "WEBP"),
+)
+# Formats Pillow could read but the pipeline refuses, named so the reason says what the file is.
+_REFUSED_SIGNATURES = (
+    (b"%!PS", "EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xffO\xffQ", "JPEG 2000"),
+    (b"\x00\x00\x01\x00", "ICO"),
 )
 _SIXTEEN_BIT_COLOUR_RAWMODE = re.compile(r"^RGBA?;16[BLN]$")
 _SIXTEEN_BIT_GRAY = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -69,15 +89,15 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
         # Our own max_pixels check replaces Pillow's global warning threshold.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            image = Image.open(io.BytesIO(data))
+            image = _open(data)
         except UnidentifiedImageError:
-            known = _format_by_signature(data)
-            reason = f"corrupt {known} header" if known else "not an image (unrecognised format)"
-            raise ImageError(reason) from None
+            raise ImageError(_unidentified_reason(data)) from None
         except Image.DecompressionBombError as exc:
             raise _bomb_error(exc, max_pixels) from None
         except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
             raise ImageError(f"corrupt image header: {exc}") from None
+        except Exception as exc:  # a plug-in's parser bug on hostile bytes (IndexError, KeyError, ...)
+            raise ImageError(f"corrupt image header: {first_line(exc)}") from None
         width, height = image.size
         if width * height > max_pixels:
             raise ImageError(f"too large: {width * height} px > limit {max_pixels}")
@@ -92,15 +112,24 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
             if "Decompressed Data Too Large" in str(exc):
                 raise ImageError("decoded size exceeds limit") from None
             raise ImageError(f"truncated or corrupt {image.format}: {exc}") from None
+        except Exception as exc:  # a plug-in's decoder bug on hostile bytes
+            raise ImageError(f"truncated or corrupt {image.format}: {first_line(exc)}") from None
     return np.ascontiguousarray(apply_orientation(pixels, orientation))
 
 
-def _format_by_signature(data: bytes) -> str | None:
-    """Format named by a file's magic bytes, to tell a damaged image from a non-image."""
+def _open(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data), formats=FORMATS)
+
+
+def _unidentified_reason(data: bytes) -> str:
+    """Tell a damaged image, a refused image format and a non-image apart by magic bytes."""
     for signature, name in _SIGNATURES:
         if data.startswith(signature):
-            return name
-    return None
+            return f"corrupt {name} header"
+    for signature, name in _REFUSED_SIGNATURES:
+        if data.startswith(signature):
+            return f"unsupported image format ({name})"
+    return "not an image (unrecognised format)"
 
 
 def _bomb_error(exc: Exception, max_pixels: int) -> ImageError:
@@ -150,7 +179,7 @@ def _sixteen_bit_colour(image: Image.Image, data: bytes) -> np.ndarray:
     since the unpackers differ only in which byte of each sample they keep.
     """
     high = np.asarray(image).astype(np.uint16)
-    twin = Image.open(io.BytesIO(data))
+    twin = _open(data)
     twin.tile = [_swapped_byte_order(tile) for tile in twin.tile]
     low = np.asarray(twin).astype(np.uint16)
     return (high << 8) | low
@@ -165,8 +194,8 @@ def _swapped_byte_order(tile):
     return tile._replace(args=args)
 
 
-def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
-    """Rotate/flip an H x W x C array as EXIF orientation 1..8 prescribes."""
+def apply_orientation(pixels: np.ndarray, orientation) -> np.ndarray:
+    """Rotate/flip an H x W x C array as EXIF orientation 1..8 prescribes; any other value is no-op."""
     transforms = {
         2: lambda a: a[:, ::-1],
         3: lambda a: a[::-1, ::-1],
@@ -176,8 +205,16 @@ def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
         7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
         8: lambda a: np.rot90(a, 1),
     }
-    transform = transforms.get(int(orientation))
+    transform = transforms.get(_orientation_number(orientation))
     return transform(pixels) if transform else pixels
+
+
+def _orientation_number(value) -> int | None:
+    """The tag as an integer, or None where it is text, bytes, a tuple or a fraction (a malformed tag)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def to_float(pixels: np.ndarray) -> np.ndarray:
