@@ -2,37 +2,53 @@
 
 Every image is one item keyed by its path relative to the input root; an archive
 member's key is the archive's path plus the member's path (``night1.tar/sub/a.png``).
-Archives are read as streams, one member at a time, under hard bounds:
+A member name that is not valid UTF-8 keeps its bytes as surrogate escapes
+(``b"\\xff.png"`` becomes ``"\\udcff.png"``), in tar and zip alike, whatever the
+worker's locale. Archives are read as streams, one member at a time, under hard bounds:
 
-* a member path that is absolute, has a drive letter or a ``..`` part is rejected, so
-  nothing derived from it can land outside the output folder;
+* a member path that is absolute, has a drive letter, a NUL or a ``..`` part is
+  rejected, so nothing derived from it can land outside the output folder;
 * a member whose declared size is over ``max_member_bytes`` is rejected from its
   header, without inflating it; one that inflates past the bound anyway (a lying
   header) is cut off after ``max_member_bytes + 1`` bytes;
 * an archive stops being read once its members add up to ``max_archive_bytes`` or
-  ``max_members``: what was read so far stays valid, the rest is one error.
+  ``max_members``: what was read so far stays valid, the rest is one error;
+* tar: one member's headers (its 512-byte blocks, GNU long name/link, pax records,
+  sparse maps) may take ``max_header_bytes``, checked before a declared size is read,
+  and the global pax headers of the whole archive as much again; past that, or at a
+  corrupt header after the first member, the rest of the archive is one error. Member
+  headers are dropped as the stream moves on, so memory does not grow with the count;
+* zip: the End Of Central Directory record (and the zip64 one when present) is read
+  first: a central directory over ``max_central_directory_bytes`` or with more than
+  ``max_members`` entries (declared or counted) rejects the whole archive before
+  :mod:`zipfile` parses it; a member that cannot be read (corrupt, encrypted,
+  unsupported compression) is an error of that member only.
 
-Nothing here writes to the input.
+Whatever an archive throws becomes a reason on a member or on the archive, never an
+exception out of :func:`iter_items`. Nothing here writes to the input.
 """
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import hashlib
 import io
+import lzma
 import posixpath
 import re
 import stat
+import struct
 import tarfile
 import zipfile
 import zlib
 from dataclasses import dataclass
 from typing import Iterator
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, first_line
 from pipeline.pairs import IMAGE_EXTENSIONS
 from pipeline.settings import Settings
-from pipeline.storage import fsspec_for, is_s3, join, strip_scheme
+from pipeline.storage import fsspec_for, is_s3, join
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 
@@ -56,6 +72,10 @@ class Limits:
     max_member_bytes: int = 1 << 30
     max_archive_bytes: int = 64 << 30
     max_members: int = 200_000
+    # One tar member's headers: names take a few KiB, but macOS tar keeps extended attributes
+    # (resource forks included) in pax records.
+    max_header_bytes: int = 1 << 20
+    max_central_directory_bytes: int = 64 << 20  # 200,000 zip entries with long names fit
 
 
 @dataclass(frozen=True)
@@ -169,8 +189,8 @@ def iter_items(source: Source, settings: Settings, limits: Limits = Limits()) ->
                 yield Item(key, member_uri(source.uri, member), data=data, reason=reason)
     except ArchiveError as exc:
         yield Item(source.rel, source.uri, reason=exc.reason)
-    except (OSError, ValueError) as exc:
-        yield Item(source.rel, source.uri, reason=f"cannot read archive: {type(exc).__name__}: {exc}")
+    except Exception as exc:  # storage failures, and whatever a hostile archive makes a reader raise
+        yield Item(source.rel, source.uri, reason=f"cannot read archive: {first_line(exc)}")
 
 
 def iter_archive(stream, name: str, limits: Limits = Limits()) -> Iterator[tuple[str, bytes | None, str | None]]:
@@ -214,8 +234,7 @@ def _iter_tar(stream, limits: Limits):
     total = count = 0
     seen: set[str] = set()
     try:
-        # Stream mode: one pass, no seeking, transparent gzip; memory is one member.
-        with tarfile.open(fileobj=stream, mode="r|*") as archive:
+        with _open_tar(stream, limits) as archive:
             for info in archive:
                 if info.isdir():
                     continue
@@ -232,41 +251,274 @@ def _iter_tar(stream, limits: Limits):
                     continue
                 data, reason = _read_bounded(archive.extractfile(info), limits)
                 yield path, data, reason
+    except ArchiveError:
+        raise
     except tarfile.TarError as exc:
         raise ArchiveError(f"unreadable or truncated tar archive: {exc}") from None
     except EOFError as exc:
         raise ArchiveError(f"truncated archive: {exc or 'unexpected end of data'}") from None
-    except (gzip.BadGzipFile, zlib.error) as exc:
+    except (gzip.BadGzipFile, zlib.error, lzma.LZMAError) as exc:
         raise ArchiveError(f"corrupt compressed archive: {exc}") from None
+    except (ValueError, struct.error, RecursionError) as exc:  # header fields tarfile does not check
+        raise ArchiveError(f"unreadable tar archive: {first_line(exc)}") from None
+
+
+def _open_tar(stream, limits: Limits) -> tarfile.TarFile:
+    """A one-pass (no seeking, transparent compression) reader under ``limits``."""
+
+    class Archive(_BoundedTarFile):
+        max_header_bytes = limits.max_header_bytes
+
+    # Names are decoded the same on every worker; undecodable bytes survive as surrogates.
+    return Archive.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape")
+
+
+class _TarInfo(tarfile.TarInfo):
+    """Records the header error that makes ``TarFile.next`` end an archive without a word."""
+
+    @classmethod
+    def fromtarfile(cls, archive):
+        try:
+            return super().fromtarfile(archive)
+        except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
+            archive.header_problem = str(exc) or type(exc).__name__
+            raise
+
+
+class _BoundedTarFile(tarfile.TarFile):
+    """Stream-mode TarFile that keeps no member list and bounds the bytes one member's headers read.
+
+    tarfile reads a long name or pax header whole, at the size its header declares,
+    and a chain of them recursively; every such read goes through ``self.fileobj``
+    inside :meth:`next`, which is where the budget sits.
+    """
+
+    tarinfo = _TarInfo
+    max_header_bytes = Limits.max_header_bytes
+    header_problem: str | None = None
+
+    def next(self):
+        self.members.clear()  # nothing reads them back in stream mode; kept, they grow with every member
+        self.header_problem = None
+        stream = self.fileobj
+        self.fileobj = _HeaderBudget(stream, self.max_header_bytes)
+        try:
+            info = super().next()
+        finally:
+            self.fileobj = stream
+        if info is None and self.header_problem and self.offset > 0:
+            raise ArchiveError(f"corrupt tar header ({self.header_problem}); the rest were not read")
+        if sum(len(key) + len(value) for key, value in self.pax_headers.items()) > self.max_header_bytes:
+            raise ArchiveError(f"global pax headers add up to more than {self.max_header_bytes} bytes; "
+                               "the rest were not read")
+        return info
+
+
+class _HeaderBudget:
+    """The archive stream as header parsing sees it: reads past the budget are refused, not made."""
+
+    def __init__(self, stream, budget: int):
+        self._stream = stream
+        self._left = budget
+        self._budget = budget
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > self._left:
+            raise ArchiveError(f"a member's headers (long name, pax or sparse) need more than {self._budget} "
+                               "bytes; the rest were not read")
+        data = self._stream.read(size)
+        self._left -= len(data)
+        return data
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def seek(self, pos: int) -> int:
+        return self._stream.seek(pos)
 
 
 def _iter_zip(stream, limits: Limits):
     try:
-        archive = zipfile.ZipFile(stream)
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        renamed, flag_offsets = _check_central_directory(stream, limits)
+        archive = zipfile.ZipFile(_Utf8FlagCleared(stream, flag_offsets) if flag_offsets else stream)
+    except ArchiveError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, struct.error, NotImplementedError) as exc:
         raise ArchiveError(f"unreadable zip archive: {exc}") from None
     total = count = 0
     seen: set[str] = set()
     with archive:
-        for info in archive.infolist():
+        for index, info in enumerate(archive.infolist()):
             if info.is_dir():
                 continue
             count += 1
             total += info.file_size
             _check_totals(count, total, limits)
+            # A stored name with a NUL must be seen whole: zipfile cuts it there.
+            name = info.orig_filename if "\0" in info.orig_filename else info.filename
+            if index in renamed:
+                name = name.encode("cp437").decode("utf-8", "surrogateescape")
             if stat.S_ISLNK(info.external_attr >> 16):
-                yield _printable(info.filename), None, "not a regular file (symlink)"
+                yield _printable(name), None, "not a regular file (symlink)"
                 continue
-            path, reason = _member_problem(info.filename, info.file_size, limits, seen)
+            path, reason = _member_problem(name, info.file_size, limits, seen)
             if reason:
                 yield path, None, reason
                 continue
             try:
                 with archive.open(info) as member:
                     data, reason = _read_bounded(member, limits)
-            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, zlib.error) as exc:
-                data, reason = None, f"corrupt zip member: {exc}"
+            except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, EOFError, ValueError,
+                    zlib.error, lzma.LZMAError, struct.error) as exc:
+                data, reason = None, f"corrupt zip member: {first_line(exc)}"
             yield path, data, reason
+
+
+_EOCD = struct.Struct("<4s4H2LH")
+_EOCD64 = struct.Struct("<4sQ2H2L4Q")
+_EOCD64_LOCATOR = struct.Struct("<4sLQL")
+_CENTRAL_ENTRY = struct.Struct("<4s4B4HL2L5H2L")
+_UTF8_NAME = 0x800
+
+
+def _check_central_directory(stream, limits: Limits) -> tuple[set[int], list[int]]:
+    """Bound the central directory before zipfile reads it; find the names flagged UTF-8 that are not.
+
+    zipfile would refuse the whole archive over one such name, so their flag is
+    cleared on the way in (in the central directory and the local header) and the
+    name is decoded here. Returns the indices of those entries and the offsets of
+    the flag bytes to clear.
+    """
+    end = _end_of_central_directory(stream)
+    if end is None:
+        return set(), []  # not a zip: zipfile says so
+    entries, cd_size, start, cd_offset = end
+    if entries > limits.max_members:
+        raise ArchiveError(f"zip central directory declares {entries} members, over the {limits.max_members} "
+                           "limit; nothing was read")
+    if cd_size > limits.max_central_directory_bytes:
+        raise ArchiveError(f"zip central directory of {cd_size} bytes is over the "
+                           f"{limits.max_central_directory_bytes} byte limit; nothing was read")
+    concat = start - cd_offset  # bytes prepended to the archive (self-extractors)
+    directory = _read_at(stream, start, cd_size)
+    renamed, flag_offsets = set(), []
+    pos = index = 0
+    while pos + _CENTRAL_ENTRY.size <= len(directory):
+        entry = _CENTRAL_ENTRY.unpack_from(directory, pos)
+        if entry[0] != b"PK\x01\x02":
+            break  # zipfile reports the damage
+        if index >= limits.max_members:
+            raise ArchiveError(f"zip central directory holds more than {limits.max_members} members; "
+                               "nothing was read")
+        flags, sizes, name_length, extra_length, comment_length = entry[5], entry[10:12], *entry[12:15]
+        name_end = pos + _CENTRAL_ENTRY.size + name_length
+        if flags & _UTF8_NAME and not _is_utf8(directory[pos + _CENTRAL_ENTRY.size:name_end]):
+            header = entry[18] if entry[18] != 0xFFFFFFFF else _zip64_header_offset(
+                directory[name_end:name_end + extra_length], sizes)
+            renamed.add(index)
+            flag_offsets.append(start + pos + 9)  # the flag's high byte in the central directory
+            if header is not None:
+                flag_offsets.append(header + concat + 7)  # and in the local header
+        pos = name_end + extra_length + comment_length
+        index += 1
+    return renamed, sorted(flag_offsets)
+
+
+def _end_of_central_directory(stream) -> tuple[int, int, int, int] | None:
+    """(entries, central directory size, where it starts, the offset the archive gives for it).
+
+    Finds the End Of Central Directory record as zipfile does (last 22 bytes, else
+    the last signature in the final 64 KiB). With a zip64 locator, zip64 records
+    take over; Python versions look for them in different places (just before the
+    locator, or where the locator points), so the larger values of both are checked.
+    """
+    stream.seek(0, 2)
+    size = stream.tell()
+    tail_start = max(size - (1 << 16) - _EOCD.size, 0)
+    tail = _read_at(stream, tail_start, (1 << 16) + _EOCD.size)
+    if tail[-_EOCD.size:-_EOCD.size + 4] == b"PK\x05\x06" and tail[-2:] == b"\0\0":
+        at = len(tail) - _EOCD.size
+    else:
+        at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _EOCD.size > len(tail):
+        return None
+    _, _, _, _, entries, cd_size, cd_offset, _ = _EOCD.unpack_from(tail, at)
+    location = tail_start + at
+    locator = _read_at(stream, location - _EOCD64_LOCATOR.size, _EOCD64_LOCATOR.size)
+    if len(locator) < _EOCD64_LOCATOR.size or locator[:4] != b"PK\x06\x07":
+        return entries, cd_size, location - cd_size, cd_offset
+    before = location - _EOCD64_LOCATOR.size - _EOCD64.size
+    records = []
+    for offset in dict.fromkeys((before, _EOCD64_LOCATOR.unpack(locator)[2])):
+        record = _read_at(stream, offset, _EOCD64.size) if offset + _EOCD64.size <= size else b""
+        if len(record) == _EOCD64.size and record[:4] == b"PK\x06\x06":
+            records.append((offset, _EOCD64.unpack(record)))
+    if not records:
+        return entries, cd_size, location - cd_size, cd_offset
+    offset, record = records[0]
+    return (max(fields[7] for _, fields in records), max(fields[8] for _, fields in records),
+            offset - record[8], record[9])
+
+
+def _read_at(stream, offset: int, size: int) -> bytes:
+    if offset < 0 or size <= 0:
+        return b""
+    stream.seek(offset)
+    return stream.read(size)
+
+
+def _is_utf8(name: bytes) -> bool:
+    try:
+        name.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _zip64_header_offset(extra: bytes, sizes: tuple[int, int]) -> int | None:
+    """The local header offset from a zip64 extra field (it follows the sizes the entry overflows)."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, pos)
+        if tag == 1:
+            skip = 8 * sum(size == 0xFFFFFFFF for size in sizes)
+            if skip + 8 <= length and pos + 4 + skip + 8 <= len(extra):
+                return struct.unpack_from("<Q", extra, pos + 4 + skip)[0]
+            return None
+        pos += 4 + length
+    return None
+
+
+class _Utf8FlagCleared:
+    """Read-only view of a zip stream with the UTF-8 name flag cleared at the given offsets."""
+
+    def __init__(self, stream, offsets: list[int]):
+        self._stream = stream
+        self._offsets = offsets
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._stream.tell()
+        data = self._stream.read(size)
+        first = bisect.bisect_left(self._offsets, start)
+        last = bisect.bisect_left(self._offsets, start + len(data))
+        if first == last:
+            return data
+        patched = bytearray(data)
+        for offset in self._offsets[first:last]:
+            patched[offset - start] &= ~(_UTF8_NAME >> 8) & 0xFF
+        return bytes(patched)
+
+    def seek(self, *args) -> int:
+        return self._stream.seek(*args)
+
+    def tell(self) -> int:
+        return self._stream.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """The stream belongs to the caller."""
 
 
 def _check_totals(count: int, total: int, limits: Limits) -> None:
