@@ -33,7 +33,7 @@ TEST_PHOTOS = ("rocket", "stereo_motorcycle", "page", "cell")
 DEMO_IMAGES = TRAIN_PHOTOS
 PHOTO_SIZE = 384  # long side the photos are downscaled to
 # Raw shot-noise levels of the validation and test blocks (read noise follows each camera's law):
-# about 34, 28 and 22 dB of noisy sRGB PSNR with the training camera (docs/data.md).
+# about 32, 26 and 20 dB of noisy sRGB PSNR on the validation blocks (docs/data.md).
 SHOT_LEVELS = (5e-4, 2e-3, 8e-3)
 VAL_BLOCK, VAL_BLOCKS = 64, 24    # side, and blocks per (photo, level)
 TEST_BLOCK, TEST_BLOCKS, TEST_PHOTO_SIZE = 64, 32, 512
