@@ -67,11 +67,17 @@ class ModelConfig:
 
 
 PRESETS: dict[str, ModelConfig] = {
-    # Trains in minutes on two CPU cores with 64x64 patches: ~1.7M parameters but
-    # only ~71k MACs per pixel, because the parameters sit at low resolution.
-    "tiny": ModelConfig(width=16, channel_mults=(1, 2, 4, 8), blocks_per_level=1, attention=False),
-    # Paper scale, meant for a GPU cluster.
-    "base": ModelConfig(width=64, channel_mults=(1, 2, 4, 8), blocks_per_level=2, attention=True),
+    # The most PSNR per CPU-minute of the ablation (docs/evaluation.md): NAFNet-style blocks at
+    # width 16, ~0.86M parameters and ~38k MACs per pixel. Checkpoints of the earlier ResBlock
+    # `tiny` keep their own config and still load.
+    "tiny": ModelConfig(width=16, channel_mults=(1, 2, 4, 8), blocks_per_level=1, block="naf"),
+    # The earlier `tiny`: ResBlocks, ~1.7M parameters, ~71k MACs per pixel.
+    "tiny-res": ModelConfig(width=16, channel_mults=(1, 2, 4, 8), blocks_per_level=1, attention=False),
+    # For a GPU: the same block at width 64 with two blocks per level, ~19M parameters and ~0.8M
+    # MACs per pixel, half the compute of the ResBlock UNet with attention below.
+    "base": ModelConfig(width=64, channel_mults=(1, 2, 4, 8), blocks_per_level=2, block="naf"),
+    # Paper scale with ResBlocks and attention at the lowest level (the earlier `base`).
+    "base-res": ModelConfig(width=64, channel_mults=(1, 2, 4, 8), blocks_per_level=2, attention=True),
 }
 
 

@@ -17,11 +17,13 @@ def randomise_output(model: UNet, std: float = 0.05) -> UNet:
 
 def test_presets_have_the_promised_scale():
     tiny, base = build_model("tiny"), build_model("base")
-    tiny_params = sum(p.numel() for p in tiny.parameters())
-    assert 1_000_000 <= tiny_params <= 2_000_000
-    assert sum(p.numel() for p in base.parameters()) > 10 * tiny_params
-    assert base.config.attention and not tiny.config.attention
+    tiny_stats, base_stats = model_stats(tiny), model_stats(base)
+    assert 500_000 <= tiny_stats["params"] <= 1_500_000 and tiny_stats["macs_per_pixel"] < 50_000
+    assert base_stats["params"] > 10 * tiny_stats["params"]
+    assert tiny.config.block == base.config.block == "naf"
+    assert not tiny.config.attention and not base.config.attention
     assert tiny.config is PRESETS["tiny"]
+    assert build_model("tiny-res").config.block == "res" and build_model("base-res").config.attention
 
 
 @settings(max_examples=15, deadline=None)
@@ -46,7 +48,7 @@ def test_any_size_keeps_shape_once_output_is_nontrivial(h, w):
 
 def test_time_reaches_every_residual_block():
     torch.manual_seed(0)
-    model = randomise_output(build_model("tiny", width=8, attention=True))
+    model = randomise_output(build_model("tiny-res", width=8, attention=True))
     x = torch.rand(2, 3, 32, 32)
     model(x, torch.tensor([0.1, 0.9])).square().sum().backward()
     blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
@@ -65,7 +67,7 @@ def test_scalar_time_is_broadcast():
 
 
 def test_build_model_overrides_and_rejects_unknown_names():
-    model = build_model("base", width=8, attention=False)
+    model = build_model("base-res", width=8, attention=False)
     assert model.config == ModelConfig(width=8, channel_mults=(1, 2, 4, 8), blocks_per_level=2, attention=False)
     with pytest.raises(ValueError, match="unknown preset"):
         build_model("huge")
@@ -111,7 +113,7 @@ def test_macs_match_a_hand_count_for_a_one_level_net():
 
 
 def test_macs_include_attention_matmuls():
-    plain, attn = build_model("tiny", width=8), build_model("tiny", width=8, attention=True)
+    plain, attn = build_model("tiny-res", width=8), build_model("tiny-res", width=8, attention=True)
     size = 64
     lowest = size // plain.config.downsampling_factor
     channels = 8 * plain.config.channel_mults[-1]
