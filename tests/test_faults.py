@@ -191,7 +191,7 @@ def test_seaweedfs_killed_mid_training_resumes_from_the_last_checkpoint(tmp_path
     storage = settings.uri("faults", f"checkpoints-{uuid.uuid4().hex[:8]}")
     config = write_config(tmp_path, private_dataset, storage, data={"patch_size": 32, "crops_per_image": 16},
                           train={"steps": 12, "log_every": 2}, checkpoint={"every_steps": 4},
-                          validation={"every_steps": 12}, scaling={"num_workers": 1, "max_failures": 1})
+                          validation={"every_steps": 4}, scaling={"num_workers": 1, "max_failures": 1})
     name = "faulty"
     log = tmp_path / "train.log"
     job = start_job("train.py", "--config", str(config), "--name", name, env=env, log=log)
