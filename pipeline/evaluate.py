@@ -64,6 +64,8 @@ class EvalConfig(BaseModel):
                                                               "clipped to the model's T")
     split: str = Field("val", description="dataset split")
     limit: int | None = Field(3, ge=1, description="evaluate the first N pairs by key; none for the whole split")
+    every: int = Field(1, ge=1, description="take every N-th pair by key before --limit: a subset spread over "
+                                            "all photos and levels of a large split")
     crop: int | None = Field(256, ge=8, description="centre crop side in pixels; none for full images")
     report: str = Field("reports/eval", description="report folder, local or s3://")
     experiment: str = Field("evaluation", description="MLflow experiment")
@@ -185,7 +187,7 @@ class _ModelWorker:
 
 @dataclass(frozen=True)
 class PairSelection:
-    """The pairs an evaluation runs on: the first ``limit`` keys of one split, in key order."""
+    """The pairs an evaluation runs on: every ``every``-th key of one split, the first ``limit`` of them."""
 
     dataset: str
     split: str
@@ -210,7 +212,8 @@ def _null_count(parquet: pq.ParquetFile, column: str) -> int:
     return parquet.read(columns=[column]).column(column).null_count
 
 
-def select_pairs(dataset: str, settings: Settings, *, split: str = "val", limit: int | None = None) -> PairSelection:
+def select_pairs(dataset: str, settings: Settings, *, split: str = "val", limit: int | None = None,
+                 every: int = 1) -> PairSelection:
     """Check the split holds real pairs (from Parquet metadata, no image read) and pick the keys."""
     files = split_files(dataset, split, settings)
     fs, _ = arrow_fs_for(dataset, settings)
@@ -235,7 +238,7 @@ def select_pairs(dataset: str, settings: Settings, *, split: str = "val", limit:
         hashes.update(zip(keys, (h or "" for h in pair_hashes)))
     if not hashes:
         raise DatasetError(f"{dataset} split '{split}' has no pairs")
-    keys = sorted(hashes)[:limit]
+    keys = sorted(hashes)[::every][:limit]
     return PairSelection(dataset=dataset, split=split, files=tuple(files), keys=tuple(keys), total=len(hashes),
                          pairs_hash=dataset_hash({k: hashes[k] for k in keys}), split_hash=dataset_hash(hashes))
 
@@ -347,7 +350,7 @@ def _log_to_mlflow(run_name: str, *, config: EvalConfig, settings: Settings, sta
 def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], None] = print) -> dict:
     """Run the whole evaluation; returns {"report", "run_id", "summary", "results"}."""
     card = read_card(config.dataset, settings)
-    selection = select_pairs(config.dataset, settings, split=config.split, limit=config.limit)
+    selection = select_pairs(config.dataset, settings, split=config.split, limit=config.limit, every=config.every)
     sidd = card.get("layout") == "sidd-mat"
     methods, notes = available_methods(config.methods)
     if not methods:

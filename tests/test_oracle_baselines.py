@@ -48,3 +48,15 @@ def test_summary_has_standard_errors():
     (single,) = report.summarize(rows[:1], ["tv"])
     assert math.isnan(single["psnr_se"])
     assert "± s.e." in report.summary_markdown([row], facts={}, notes=[], failures=[])
+
+
+def test_every_spreads_the_selection_over_the_split(settings, tmp_path):
+    from tests.test_evaluate import _row, _write_dataset
+
+    clean, noisy = gaussian_pair(0.05, size=16)
+    rows = [_row(f"{photo}_b{n}", to_uint8(clean), to_uint8(noisy)) for photo in "abc" for n in range(4)]
+    uri = _write_dataset(str(tmp_path / "ds"), rows, settings)
+    picked = ev.select_pairs(uri, settings, every=4)
+    assert picked.keys == ("a_b0", "b_b0", "c_b0") and picked.limited
+    assert ev.select_pairs(uri, settings, every=4, limit=2).keys == ("a_b0", "b_b0")
+    assert len(ev.select_pairs(uri, settings).keys) == 12
