@@ -13,7 +13,7 @@ DENOISE_FLAGS="--steps 4 --cpus-per-worker 0.5 --cpus-per-task 0.25 --task-memor
 step() { printf '\n=== %s\n' "$*"; }
 
 step "1/5 ingest the demo pairs (scikit-image photos + synthetic camera noise) -> $B/datasets/demo"
-$PY jobs/ingest.py demo: "$B/datasets/demo" --overwrite
+$PY jobs/ingest.py demo: "$B/datasets/demo" --noise camera --variants 8 --overwrite
 
 step "2/5 train configs/demo.yaml on Ray Train (run $RUN); registers models:/denoiser, --promote moves @champion"
 $PY jobs/train.py --config configs/demo.yaml --name "$RUN" --promote
