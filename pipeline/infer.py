@@ -492,9 +492,6 @@ def build_dataset(config: DenoiseConfig, settings: Settings, sources: list[Sourc
     """The lazy Ray Data graph; iterating it runs the job and yields one small row per item."""
     import ray.data
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.max_errored_blocks = -1  # a block whose task died after its retries: its items are reported
     archive_prefixes = tuple(s.rel + "/" for s in sources if kind_of(s.rel) == "archive")
     items = ray.data.from_items([{"rel": s.rel, "uri": s.uri, "size": s.size} for s in sources],
                                 override_num_blocks=max(1, min(len(sources), 256)))
@@ -508,9 +505,13 @@ def build_dataset(config: DenoiseConfig, settings: Settings, sources: list[Sourc
                                "steps": config.steps, "tile": config.tile, "overlap": config.overlap,
                                "batch_size": config.batch_size, "threads": math.ceil(config.cpus_per_worker)},
         compute=ray.data.ActorPoolStrategy(size=config.workers), **actor_args)
-    return denoised.map(finish_row, **task_args, fn_kwargs={
+    finished = denoised.map(finish_row, **task_args, fn_kwargs={
         "settings": settings, "config": config, "model_ref": model_ref, "model_version": model_version,
         "run_id": run_id})
+    # This dataset's own context (a copy), so the process-wide defaults stay as they were.
+    finished.context.enable_progress_bars = False
+    finished.context.max_errored_blocks = -1  # a block whose task died after its retries: its items are reported
+    return finished
 
 
 def unfinished_rows(sources: list[Source], keys_seen: set[str], *, settings: Settings, config: DenoiseConfig,

@@ -245,3 +245,107 @@ def test_summary_counts_and_gains():
     assert metrics["mp_per_s"] == pytest.approx(1.0) and metrics["mean_psnr_gain"] == pytest.approx(10.0)
     assert metrics["mean_sigma_reduction"] == pytest.approx(0.065) and summary.previews == [("a", b"x")]
     assert summary.line() == "2 done, 1 skipped, 1 failed, 2.00 MP in 2.0s (1.000 MP/s)"
+
+
+def tar_of(members: dict[str, bytes]) -> bytes:
+    """A tar whose member names are written as raw bytes (``\\udcff`` becomes the byte 0xff)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_a_member_name_that_is_not_utf8_is_denoised_under_an_escaped_key(tmp_path):
+    noisy_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    noisy_dir.mkdir()
+    (noisy_dir / "n.tar").write_bytes(tar_of({"good.png": encode_png(photo(12, 12)),
+                                              "\udcff.png": encode_png(photo(12, 12, seed=1))}))
+    assert b"\xff.png" in (noisy_dir / "n.tar").read_bytes()
+    config = DenoiseConfig.build(input=str(noisy_dir), output=str(out_dir))
+    rows = expand_all(noisy_dir)
+    assert set(rows) == {"n.tar/good.png", "n.tar/%FF.png"}
+    results = {r["key"]: r for r in run_items(rows, config, actor())}
+    assert {k: r["status"] for k, r in results.items()} == {"n.tar/good.png": "done", "n.tar/%FF.png": "done"}
+    assert (out_dir / "images" / "n.tar" / "%FF.png").is_file()
+    manifest, errors = merge(config, run_id="run-1")
+    assert sorted(manifest["key"]) == ["n.tar/%FF.png", "n.tar/good.png"] and errors.empty
+    assert "%FF.png" in pd.read_parquet(out_dir / "manifest.parquet")["output_uri"].iloc[0]
+    assert {r["status"] for r in expand_all(noisy_dir, index=state_index(config)).values()} == {"skipped"}
+
+
+def test_any_exception_of_one_item_is_its_error_row_and_the_source_goes_on(tmp_path, monkeypatch):
+    import pipeline.infer as infer
+
+    (tmp_path / "n.tar").write_bytes(tar_of({"a.png": encode_png(photo(8, 8)), "exif.png": b"\x89PNG trips it",
+                                             "c.png": encode_png(photo(8, 8, seed=2))}))
+    real_decode = infer.decode_image
+
+    def decode(data, **kwargs):  # what an EXIF orientation stored as text did to the decoder
+        if data == b"\x89PNG trips it":
+            raise ValueError("invalid literal for int() with base 10: 'top-left'")
+        return real_decode(data, **kwargs)
+
+    monkeypatch.setattr(infer, "decode_image", decode)
+    rows = expand_all(tmp_path)
+    assert rows["n.tar/exif.png"]["status"] == "failed" and rows["n.tar/exif.png"]["stage"] == "decode"
+    assert rows["n.tar/exif.png"]["reason"] == "decode failed: ValueError: invalid literal for int() with base 10: 'top-left'"
+    assert rows["n.tar/a.png"]["status"] == rows["n.tar/c.png"]["status"] == "pending"
+
+    def broken_archive(source, settings, limits):
+        yield from real_items(source, settings, limits)
+        raise RuntimeError("inflate went wrong\nsecond line")
+
+    real_items = infer.iter_items
+    monkeypatch.setattr(infer, "iter_items", broken_archive)
+    rows = expand_all(tmp_path)
+    assert rows["n.tar"]["status"] == "failed" and rows["n.tar"]["reason"] == "read failed: RuntimeError: inflate went wrong"
+    assert rows["n.tar/c.png"]["status"] == "pending"  # what came before the failure stays valid
+
+
+def test_skip_keys_name_the_model_sampler_steps_and_the_limits_of_final_errors(tmp_path):
+    noisy_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    noisy_dir.mkdir()
+    (noisy_dir / "a.png").write_bytes(encode_png(photo(16, 16)))
+    (noisy_dir / "big.png").write_bytes(encode_png(photo(40, 40)))
+    config = DenoiseConfig.build(input=str(noisy_dir), output=str(out_dir), steps=4, max_megapixels=0.001)
+    results = {r["key"]: r for r in run_items(expand_all(noisy_dir, max_pixels=config.max_pixels), config, actor())}
+    assert results["a.png"]["status"] == "done" and "too large" in results["big.png"]["reason"]
+    _, errors = merge(config, run_id="run-1")
+    assert errors.loc[0, "max_megapixels"] == 0.001 and errors.loc[0, "max_image_mb"] == 1024.0
+
+    def statuses(config, model_version="1"):
+        rows = expand_all(noisy_dir, index=state_index(config, model_version), max_pixels=config.max_pixels)
+        return {k: r["status"] for k, r in rows.items()}
+
+    assert statuses(config) == {"a.png": "skipped", "big.png": "skipped"}
+    assert statuses(config, model_version="2")["a.png"] == "pending"  # a new model redoes the item
+    assert statuses(config.model_copy(update={"steps": 8}))["a.png"] == "pending"  # and so does another K
+    assert statuses(config.model_copy(update={"sampler": "origin"}))["a.png"] == "pending"
+    # Raised limits retry the final error (and now it decodes).
+    assert statuses(config.model_copy(update={"max_megapixels": 1.0})) == {"a.png": "skipped", "big.png": "pending"}
+
+
+def test_ray_tasks_and_model_actors_are_retried_a_bounded_number_of_times():
+    config = DenoiseConfig.build(input="/x/a", output="/x/b", task_retries=1, gpus_per_worker=0.5)
+    tasks, actors = ray_remote_args(config)
+    assert tasks["max_retries"] == 1 and actors["max_restarts"] == 1 and actors["max_task_retries"] == 1
+    assert actors["num_gpus"] == 0.5 and tasks["memory"] == 1024 << 20
+    assert DenoiseConfig.build(input="/x/a", output="/x/b").task_retries == 2
+
+
+def test_sources_whose_task_died_become_error_rows_retried_next_run(tmp_path):
+    (tmp_path / "in").mkdir()
+    for name in ("a.png", "b.png"):
+        (tmp_path / "in" / name).write_bytes(encode_png(photo(8, 8)))
+    (tmp_path / "in" / "n.tar").write_bytes(tar_of({"x.png": encode_png(photo(8, 8))}))
+    config = DenoiseConfig.build(input=str(tmp_path / "in"), output=str(tmp_path / "out"))
+    sources = list_sources(config.input, SETTINGS)
+    rows = unfinished_rows(sources, {"a.png", "n.tar/x.png"}, settings=SETTINGS, config=config, run_id="run-1")
+    assert [(r["key"], r["status"]) for r in rows] == [("b.png", "failed")]
+    assert "died 3 times" in rows[0]["reason"]
+    _, errors = merge(config, run_id="run-1")
+    assert list(errors["key"]) == ["b.png"] and errors.loc[0, "retry"] and errors.loc[0, "stage"] == "task"
+    assert not state_index(config).final  # not final: the next run tries it again
