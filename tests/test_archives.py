@@ -30,9 +30,12 @@ SETTINGS = Settings()
 PNG = encode_png(np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3))
 
 
-def tar_bytes(members: dict[str, bytes], mode: str = "w", symlinks: dict[str, str] | None = None) -> bytes:
+def tar_bytes(members: dict[str, bytes], mode: str = "w", symlinks: dict[str, str] | None = None,
+              tar_format: int = tarfile.DEFAULT_FORMAT) -> bytes:
+    """A tar of ``members``; surrogate escapes in a name are written as the raw bytes they stand for."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode=mode) as archive:
+    with tarfile.open(fileobj=buffer, mode=mode, format=tar_format, encoding="utf-8",
+                      errors="surrogateescape") as archive:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
