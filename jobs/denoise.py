@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipeline.cli import field_option  # noqa: E402
 from pipeline.errors import exit_on_error  # noqa: E402
 from pipeline.infer import DenoiseConfig, run_batch_denoise  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
@@ -33,27 +33,12 @@ from pipeline.storage import check_storage  # noqa: E402
 from pipeline.tracking import check_mlflow  # noqa: E402
 
 
-def _option(annotation) -> dict:
-    """argparse's type or choices for a config field's annotation."""
-    if typing.get_origin(annotation) is typing.Literal:
-        return {"choices": typing.get_args(annotation)}
-    types = [t for t in typing.get_args(annotation) or (annotation,) if t is not type(None)]
-    return {"type": types[0]}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Options and their defaults are DenoiseConfig's fields; an option not given stays None (the default)."""
+    """Options, defaults and help are DenoiseConfig's fields; an option not given stays None (the default)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, info in DenoiseConfig.model_fields.items():
-        text = (info.description or "").replace("%", "%%")
-        if info.is_required():
-            parser.add_argument(name, metavar=name.upper(), help=text)
-            continue
-        if info.default is not None:
-            text += f" (default {info.default})"
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=text,
-                            **_option(info.annotation))
+    for name in DenoiseConfig.model_fields:
+        field_option(parser, DenoiseConfig, name, default=None)
     return parser.parse_args(argv)
 
 
