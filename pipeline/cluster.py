@@ -9,6 +9,8 @@ import time
 from pipeline.errors import PipelineError
 from pipeline.settings import Settings
 
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
 
 def init_ray(settings: Settings, *, attempts: int = 3, **kwargs) -> None:
     """Join ``settings.ray_address`` (or start a local Ray) with the storage env for every worker."""
@@ -17,7 +19,10 @@ def init_ray(settings: Settings, *, attempts: int = 3, **kwargs) -> None:
     if ray.is_initialized():
         return
     _reload_ray_auth()
-    env_vars = {**settings.s3_env(), "MLFLOW_TRACKING_URI": settings.mlflow_uri, "DENOISE_BUCKET": settings.bucket}
+    # Keys stay out: runtime_env is shown by the dashboard and the State API. Tasks get them
+    # inside the (pickled) settings; a cluster's pods get them from their own secret env.
+    public = {k: v for k, v in settings.s3_env().items() if k not in SECRET_ENV}
+    env_vars = {**public, "MLFLOW_TRACKING_URI": settings.mlflow_uri, "DENOISE_BUCKET": settings.bucket}
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "DENOISE_SETTINGS", "MLFLOW_DISABLE_TELEMETRY"):
         if os.environ.get(name):
             env_vars[name] = os.environ[name]

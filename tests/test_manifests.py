@@ -275,7 +275,6 @@ def test_secrets_reach_pods_only_from_kubernetes_secrets_never_runtime_env():
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(example["stringData"])
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline/cluster.py init_ray copies the S3 keys into runtime_env env_vars")
 def test_jobs_do_not_put_s3_keys_into_runtime_env(monkeypatch):
     """What a job passes to ray.init is shown by the dashboard and the State API."""
     from pipeline import cluster
