@@ -60,7 +60,7 @@ def test_overrides_are_dotted_yaml_scalars(tmp_path):
     (MINIMAL, ["optimizer.lrate=1"], r"optimizer.lrate: unknown key"),
     (MINIMAL, ["optimizer.lr=fast"], r"optimizer.lr: Input should be a valid number.*'fast'"),
     (MINIMAL, ["scaling.num_workers=0"], r"scaling.num_workers: .*greater than or equal to 1"),
-    (MINIMAL, ["model.preset=huge"], r"model.preset: .*'tiny' or 'base'"),
+    (MINIMAL, ["model.preset=huge"], r"model.preset: .*'tiny', 'tiny-res', 'base' or 'base-res'"),
     (MINIMAL, ["validation.sampler=ddim"], r"validation.sampler"),
     (MINIMAL, ["train.epochs=2"], r"exactly one of train.steps and train.epochs"),
     (MINIMAL, ["checkpoint.every_steps=150"], r"multiple of validation.every_steps"),
