@@ -2,13 +2,18 @@
 
     python benchmarks/bench_train.py [--repeats 3] [--steps 120] [--out results.json]
 
-Same model (tiny UNet), same 64x64 patches, same batch of 16 per worker, same step (Charbonnier
-loss, AdamW, clipping, EMA) in every arm; arms are interleaved and repeated, and medians reported:
+Every Ray arm is one TrainConfig, and its plain arm is built from that same config: the same
+model, optimizer and schedule, loss, T, clipping, EMA, patch size and global batch (batch x
+workers), and as many torch threads in all. Arms are interleaved and repeated, medians reported:
 
-- plain:   one process (at a Ray worker's niceness), the patches decoded once into memory, 2 threads;
-- ray-1w:  jobs' trainer with 1 worker (0.5 CPU reserved, 2 torch threads), data streamed by Ray Data;
-- ray-2w:  2 workers (0.5 CPU each, 1 thread each), DDP over gloo, global batch 32;
+- ray-1w:  jobs' trainer with 1 worker (0.5 CPU reserved, 2 torch threads), data streamed by Ray Data,
+           batch 16; plain-1w: its plain loop;
+- ray-2w:  2 workers (0.5 CPU each, 1 thread each), DDP over gloo, global batch 32; plain-2w: its plain
+           loop (one process, batch 32, 2 threads);
 - epochs:  ray-1w on the dataset and on the dataset doubled: seconds of the second epoch.
+
+A plain loop runs in one process at a Ray worker's niceness, on patches decoded once into memory
+(so it measures the step alone, without data loading).
 
 Rates are steady-state (the first 25 steps of each run are start-up and not counted), with
 validation and checkpoint pauses excluded; epoch times include Ray Data's start of each epoch.
@@ -18,6 +23,7 @@ Needs the local stack (S3, MLflow, Ray).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -34,7 +40,7 @@ from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.demo_data import DEMO_IMAGES, demo_pairs  # noqa: E402
 from pipeline.diffusion import training_loss  # noqa: E402
 from pipeline.images import encode_png, to_float  # noqa: E402
-from pipeline.model import UNet, build_model  # noqa: E402
+from pipeline.model import UNet  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
 from pipeline.shards import aligned_crops, write_json, write_split  # noqa: E402
 from pipeline.train import lr_factor, train, update_ema  # noqa: E402
@@ -45,12 +51,12 @@ PATCH, CROPS, BATCH, WARMUP_STEPS = 64, 32, 16, 25
 def make_dataset(settings, uri: str, pairs, copies: int) -> int:
     """The demo pairs (``copies`` times, under distinct keys) as a dataset; returns train pairs."""
     rows = {"train": [], "val": []}
-    for copy in range(copies):
+    for replica in range(copies):
         for i, (key, clean, noisy) in enumerate(pairs):
             split = "val" if i < 2 else "train"
-            if split == "val" and copy:
+            if split == "val" and replica:
                 continue
-            rows[split].append({"key": f"{key}-{copy}", "split": split, "clean": encode_png(clean),
+            rows[split].append({"key": f"{key}-{replica}", "split": split, "clean": encode_png(clean),
                                 "noisy": encode_png(noisy), "height": clean.shape[0], "width": clean.shape[1]})
     for split, split_rows in rows.items():
         write_split(split_rows, uri, split, settings)
@@ -78,47 +84,51 @@ def config_for(dataset: str, storage: str, *, workers: int, steps: int | None = 
 RAY_WORKER_NICENESS = 15  # Ray starts its worker processes at this niceness
 
 
-def plain_loop_process(pairs, *, steps: int) -> float:
+def plain_loop_process(pairs, config: TrainConfig) -> float:
     """The plain loop in a fresh process at the niceness of a Ray worker, so both arms get the same
     share of a busy machine."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1, initializer=os.nice, initargs=(RAY_WORKER_NICENESS,)) as pool:
-        return pool.apply(plain_loop, (pairs,), {"steps": steps})
+        return pool.apply(plain_loop, (pairs, config))
 
 
-def plain_loop(pairs, *, steps: int, threads: int = 2) -> float:
-    """The same step in one process over patches decoded once into memory; steady samples/s."""
-    torch.set_num_threads(threads)
-    rng = np.random.default_rng(0)
+def plain_loop(pairs, config: TrainConfig) -> float:
+    """The trainer's step for ``config`` in one process, on its global batch, over patches decoded
+    once into memory; steady samples/s. Needs ``train.steps``."""
+    workers, train_section, opt = config.scaling.num_workers, config.train, config.optimizer
+    batch, steps = train_section.batch_size * workers, train_section.steps
+    torch.set_num_threads((train_section.threads_per_worker or 1) * workers)
+    rng = np.random.default_rng(train_section.seed)
     cleans, noisies = [], []
     for _, clean, noisy in pairs[2:]:
-        c, n = aligned_crops(to_float(clean), to_float(noisy), patch_size=PATCH, crops=CROPS, rng=rng)
+        c, n = aligned_crops(to_float(clean), to_float(noisy), patch_size=config.data.patch_size,
+                             crops=config.data.crops_per_image, rng=rng)
         cleans.append(c)
         noisies.append(n)
     clean, noisy = torch.from_numpy(np.concatenate(cleans)), torch.from_numpy(np.concatenate(noisies))
-    torch.manual_seed(0)
-    model = build_model("tiny")
-    ema = UNet(model.config)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=1e-4)
+    torch.manual_seed(train_section.seed)
+    model = UNet(config.model.unet_config())
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup=50, total=steps, min_ratio=0.05))
+        optimizer, lambda s: lr_factor(s, warmup=opt.warmup_steps, total=steps, min_ratio=opt.min_lr_ratio))
     started = None
     for step in range(steps):
         if step == WARMUP_STEPS:
             started = time.perf_counter()
-        index = torch.randint(0, len(clean), (BATCH,))
-        loss = training_loss(model.train(), clean[index], noisy[index], T=1000)
+        index = torch.randint(0, len(clean), (batch,))
+        loss = training_loss(model.train(), clean[index], noisy[index], T=config.diffusion.T,
+                             kind=config.diffusion.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if opt.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
         optimizer.step()
         scheduler.step()
-        update_ema(ema, model, decay=0.999, step=step)
+        update_ema(ema, model, decay=opt.ema_decay, step=step)
         loss.item()
-    return (steps - WARMUP_STEPS) * BATCH / (time.perf_counter() - started)
+    return (steps - WARMUP_STEPS) * batch / (time.perf_counter() - started)
 
 
 def ray_run(settings, config: TrainConfig) -> dict:
@@ -144,15 +154,16 @@ def main() -> int:
     print(f"datasets: {train_pairs[1]} / {train_pairs[2]} train pairs of <=256 px, {CROPS} crops each, "
           f"patch {PATCH}, batch {BATCH}", flush=True)
     storage = f"{root}/checkpoints"
-    results: dict[str, list] = {"plain": [], "ray-1w": [], "ray-2w": [], "epoch-1x": [], "epoch-2x": []}
+    results: dict[str, list] = {"plain-1w": [], "ray-1w": [], "plain-2w": [], "ray-2w": [], "epoch-1x": [],
+                                "epoch-2x": []}
     waits: dict[str, list] = {"ray-1w": [], "ray-2w": []}  # share of training time spent waiting for data
     for repeat in range(args.repeats):
-        results["plain"].append(plain_loop_process(pairs, steps=args.steps))
-        for arm, workers, threads in (("ray-1w", 1, 2), ("ray-2w", 2, 1)):
-            run = ray_run(settings, config_for(f"{root}/data-1x", storage, workers=workers, steps=args.steps,
-                                               threads=threads))
-            results[arm].append(run["samples_per_s"])
-            waits[arm].append(run["data_wait_share"])
+        for arm, workers, threads in (("1w", 1, 2), ("2w", 2, 1)):
+            config = config_for(f"{root}/data-1x", storage, workers=workers, steps=args.steps, threads=threads)
+            results[f"plain-{arm}"].append(plain_loop_process(pairs, config))
+            run = ray_run(settings, config)
+            results[f"ray-{arm}"].append(run["samples_per_s"])
+            waits[f"ray-{arm}"].append(run["data_wait_share"])
         for copies in (1, 2):
             # three epochs: the loop stops inside the last one, so two are timed; the second is steady
             run = ray_run(settings, config_for(f"{root}/data-{copies}x", storage, workers=1, epochs=3, threads=2))
@@ -162,8 +173,10 @@ def main() -> int:
 
     med = {k: statistics.median(v) for k, v in results.items()}
     summary = {
-        "plain_samples_per_s": med["plain"], "ray_1w_samples_per_s": med["ray-1w"],
-        "ray_2w_samples_per_s": med["ray-2w"], "ratio_ray_1w_vs_plain": med["ray-1w"] / med["plain"],
+        "plain_1w_samples_per_s": med["plain-1w"], "ray_1w_samples_per_s": med["ray-1w"],
+        "plain_2w_samples_per_s": med["plain-2w"], "ray_2w_samples_per_s": med["ray-2w"],
+        "ratio_ray_1w_vs_plain": med["ray-1w"] / med["plain-1w"],
+        "ratio_ray_2w_vs_plain": med["ray-2w"] / med["plain-2w"],
         "ratio_ray_2w_vs_1w": med["ray-2w"] / med["ray-1w"], "epoch_s_1x": med["epoch-1x"],
         "epoch_s_2x": med["epoch-2x"], "ratio_epoch_2x_vs_1x": med["epoch-2x"] / med["epoch-1x"],
         "data_wait_share_1w": statistics.median(waits["ray-1w"]),
