@@ -387,7 +387,8 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
 
     facts = {
         "dataset": f"{config.dataset} (split `{config.split}`, layout `{card.get('layout', 'unknown')}`)",
-        "pairs": f"{len(selection.keys)} of {selection.total} (first by key)",
+        "pairs": f"{len(selection.keys)} of {selection.total} "
+                 f"({'first' if config.every == 1 else f'every {config.every}th'} by key)",
         "crop": f"centre {config.crop}x{config.crop}" if config.crop else "none (full images)",
         "noise": noise_fact(card),
         "protocol": "SIDD: mean over 256x256 blocks" if sidd else "PSNR/SSIM on the whole image (data range 1)",
