@@ -33,8 +33,7 @@ demo: up
 
 # Re-evaluate the latest trained model (after `make demo`).
 evaluate: up
-	. .local/stack.env && $(PY) jobs/evaluate.py s3://$${DENOISE_BUCKET}/datasets/demo \
-		--model models:/denoiser@candidate --report reports/demo
+	infra/local/demo.sh evaluate
 
 test: install
 	$(PY) -m pytest

@@ -29,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.archives import Item, Limits, Source, iter_items, kind_of, list_sources
-from pipeline.diffusion import SAMPLERS
+from pipeline.diffusion import DEFAULT_STEPS, SAMPLERS
 from pipeline.errors import PipelineError, first_line, validation_problems
 from pipeline.images import ImageError, decode_image, encode_png, reduce_to_uint8, to_float, to_uint8, to_uint16
 from pipeline.ledger import (
@@ -73,7 +73,7 @@ class DenoiseConfig(BaseModel):
     reference: str | None = Field(None, description="clean references at REF/<key> (archive members: "
                                                     "REF/<archive>/<member>), for PSNR/SSIM")
     sampler: Literal[tuple(SAMPLERS)] = Field("improved", description="sampler of pipeline/diffusion.py")  # type: ignore[valid-type]
-    steps: int = Field(10, ge=1, description="sampling steps K (at most the model's T; direct makes one call)")
+    steps: int = Field(DEFAULT_STEPS, ge=1, description="sampling steps K (at most the model's T; direct makes one call)")
     tile: int = Field(512, ge=32, description="tile side for larger images")
     overlap: int = Field(32, ge=0, description="pixels shared by neighbouring tiles")
     batch_size: int = Field(4, ge=1, description="tiles per model call")

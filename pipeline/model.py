@@ -3,8 +3,8 @@
 The network sees an interpolation x_t between the clean image and the noisy
 photo (see ``pipeline.diffusion``) together with the *normalised* time
 ``t / T`` in [0, 1], and predicts the clean image. Keeping time normalised
-makes a trained network independent of the number of training steps T, so
-the same weights can be sampled with any T and any number of steps.
+lets the sampler take any number of steps K up to the model's T: its schedule
+lands on the integer times the network was trained at.
 """
 
 from __future__ import annotations
@@ -86,8 +86,8 @@ class ChannelNorm(nn.Module):
 
     Unlike GroupNorm it uses no statistics over the image, so the output at a
     pixel depends only on its receptive field: 64x64 training patches and a
-    4000x3000 photo are normalised alike, and tiled inference matches
-    whole-image inference away from tile borders.
+    4000x3000 photo are normalised alike, and (without attention, whose reach is
+    the whole input) tiled inference matches whole-image inference away from tile borders.
     """
 
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
