@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.checkpoint import checkpoint_files, load_checkpoint
+from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, checkpoint_files, load_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.diffusion import sample, time_weights, training_loss
 from pipeline.errors import PipelineError
@@ -37,6 +37,8 @@ from pipeline.version import git_commit
 
 TRAIN_STATE = "train_state.pt"
 TRAIN_META = "train_state.json"
+CHECKPOINT_PREFIX = "step-"
+RESUME_FILES = (TRAIN_STATE, TRAIN_META, WEIGHTS_FILE, CONFIG_FILE)
 METRIC_KEYS = ["train_loss", "lr", "samples_per_s", "val_psnr", "val_ssim", "val_psnr_direct", "val_ssim_direct",
                "val_psnr_noisy", "val_ssim_noisy"]
 
@@ -157,7 +159,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         optimizer, lambda s: lr_factor(s, warmup=opt.warmup_steps, total=total, min_ratio=opt.min_lr_ratio))
 
     step, run_id = 0, loop_config["run_id"]
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, unregistered = _resume_point(ray.train.get_checkpoint(), loop_config.get("stored_checkpoint"),
+                                             settings)
     if checkpoint is not None:
         # Each worker downloads its own copy: workers on one node must not share a download folder.
         with tempfile.TemporaryDirectory() as tmp:
@@ -176,7 +179,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         else:  # a different world size than before: fresh, distinct streams per rank
             seed_everything(config.train.seed + 1000 * rank + step)
         if rank == 0:
-            say(f"resumed from checkpoint at step {step}/{total}")
+            note = " (found complete in storage; Ray had not registered it)" if unregistered else ""
+            say(f"resumed from checkpoint at step {step}/{total}{note}")
 
     ddp_model = ray.train.torch.prepare_model(model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
@@ -260,8 +264,30 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 break
         else:
             clock.epoch_done()
+    if unregistered and clock.start_step >= total:
+        # Resumed at the end from a checkpoint Ray never registered: report it, or the run has no result.
+        _report_checkpoint({"step": step, "val_psnr": meta.get("val_psnr")}, step=step, rank=rank, model=model,
+                           ema=ema, optimizer=optimizer, scheduler=scheduler, config=config, run_id=run_id,
+                           total=total)
     if logger is not None:
         logger.close()
+
+
+def _resume_point(registered, stored_uri: str | None, settings: Settings):
+    """The newer of Ray's registered checkpoint and the newest complete one in storage, and whether it is the latter.
+
+    Ray registers a checkpoint only after its upload; an outage in between leaves a whole
+    folder that Ray does not know about, and resuming from Ray's alone would repeat that work.
+    """
+    import ray.train
+
+    from pipeline.storage import arrow_fs_for
+
+    if stored_uri is None or (registered is not None and
+                              checkpoint_step(registered.path) >= checkpoint_step(stored_uri)):
+        return registered, False
+    fs, path = arrow_fs_for(stored_uri, settings)
+    return ray.train.Checkpoint(path, filesystem=fs), True
 
 
 class Clock:
@@ -378,7 +404,30 @@ def _report_checkpoint(metrics: dict, *, step: int, rank: int, model, ema, optim
             for name, data in checkpoint_files(ema_cpu, T=config.diffusion.T, extra=meta).items():
                 (folder / name).write_bytes(data)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"step-{step:08d}")
+                         checkpoint_dir_name=f"{CHECKPOINT_PREFIX}{step:08d}")
+
+
+def checkpoint_step(path: str) -> int:
+    """The step in a checkpoint folder's name (``.../step-00000040`` -> 40)."""
+    return int(path.rstrip("/").rsplit("/", 1)[-1].removeprefix(CHECKPOINT_PREFIX))
+
+
+def stored_checkpoint(fs, run_dir: str) -> str | None:
+    """The newest ``step-*`` folder under the run that holds every file a resume reads, or None.
+
+    Every file is one S3 object, whole or absent, so presence is completeness.
+    """
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    folders = [i.path for i in infos
+               if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)
+               and i.base_name.removeprefix(CHECKPOINT_PREFIX).isdigit()]
+    for folder in sorted(folders, key=checkpoint_step, reverse=True):
+        files = fs.get_file_info([f"{folder}/{name}" for name in RESUME_FILES])
+        if all(f.type == pafs.FileType.File for f in files):
+            return folder
+    return None
 
 
 # ---------------------------------------------------------------- the driver
@@ -449,8 +498,11 @@ def train(config: TrainConfig, settings: Settings, *, promote: bool = False, reg
         log(f"warning: the MLflow run keeps its first values of changed params: {', '.join(changed)}")
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    stored = stored_checkpoint(storage_fs, f"{storage_path.rstrip('/')}/{run_name}")
+    stored_uri = None if stored is None else (f"s3://{stored}" if is_s3(storage_uri) else stored)
     init_ray(settings, runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
-    result = _fit(config, settings, total=total, run_id=run_id, storage_fs=storage_fs, storage_path=storage_path)
+    result = _fit(config, settings, total=total, run_id=run_id, storage_fs=storage_fs, storage_path=storage_path,
+                  stored_checkpoint=stored_uri)
     metrics = result.metrics or {}
     if metrics.get("mlflow_failures") or metrics.get("mlflow_dropped"):
         log(f"warning: MLflow logging failed {metrics['mlflow_failures']} time(s) during training "
@@ -469,7 +521,8 @@ def train(config: TrainConfig, settings: Settings, *, promote: bool = False, reg
     return summary
 
 
-def _fit(config: TrainConfig, settings: Settings, *, total: int, run_id: str, storage_fs, storage_path: str):
+def _fit(config: TrainConfig, settings: Settings, *, total: int, run_id: str, storage_fs, storage_path: str,
+         stored_checkpoint: str | None = None):
     import ray.data
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -487,7 +540,8 @@ def _fit(config: TrainConfig, settings: Settings, *, total: int, run_id: str, st
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "settings": settings, "total_steps": total,
-                           "run_id": run_id, "mlflow_uri": settings.mlflow_uri},
+                           "run_id": run_id, "mlflow_uri": settings.mlflow_uri,
+                           "stored_checkpoint": stored_checkpoint},
         torch_config=TorchConfig(backend=scaling.torch_backend),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=dict(scaling.resources_per_worker)),

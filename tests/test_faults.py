@@ -183,8 +183,6 @@ def private_dataset(private_s3):
     return uri
 
 
-@pytest.mark.xfail(strict=False, reason="when the outage hits the first checkpoint's registration, the rerun "
-                   "trains again from step 0 instead of resuming (seen once in the full suite)")
 def test_seaweedfs_killed_mid_training_resumes_from_the_last_checkpoint(tmp_path, private_s3, private_dataset):
     import mlflow
 

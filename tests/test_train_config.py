@@ -264,3 +264,34 @@ def test_job_options_are_the_config_fields(capsys):
             module.main(["--help"])
         out = " ".join(capsys.readouterr().out.split())
         assert done.value.code == 0 and all(line in out for line in expected), (job, out)
+
+
+def test_resume_finds_the_newest_complete_checkpoint_folder_in_storage(tmp_path):
+    """An upload that finished while Ray could not register it is still a resume point; a partial one is not."""
+    import pyarrow.fs as pafs
+
+    from pipeline.settings import Settings
+    from pipeline.train import RESUME_FILES, TRAIN_STATE, _resume_point, checkpoint_step, stored_checkpoint
+
+    fs, run = pafs.LocalFileSystem(), tmp_path / "run"
+    assert stored_checkpoint(fs, str(run)) is None                      # no run folder yet
+    for step, files in [(4, RESUME_FILES), (8, RESUME_FILES), (12, [f for f in RESUME_FILES if f != TRAIN_STATE])]:
+        folder = run / f"step-{step:08d}"
+        folder.mkdir(parents=True)
+        for name in files:
+            (folder / name).write_bytes(b"x")
+    (run / "step-latest").mkdir()
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    newest = stored_checkpoint(fs, str(run))
+    assert newest == str(run / "step-00000008") and checkpoint_step(newest) == 8
+
+    class Registered:
+        def __init__(self, path):
+            self.path = path
+
+    settings = Settings()
+    chosen, unregistered = _resume_point(Registered(str(run / "step-00000004")), newest, settings)
+    assert unregistered and chosen.path == newest
+    registered = Registered(str(run / "step-00000008"))
+    assert _resume_point(registered, newest, settings) == (registered, False)
+    assert _resume_point(None, None, settings) == (None, False)

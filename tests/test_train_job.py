@@ -118,6 +118,45 @@ def test_train_killed_worker_resumes_and_registers(tmp_path, settings, s3_prefix
     assert "now champion" in out
 
 
+def test_a_checkpoint_ray_never_registered_is_still_resumed(tmp_path, settings, s3_prefix, tiny_dataset):
+    """An S3 outage between a checkpoint's upload and its registration leaves a whole folder Ray does not know.
+
+    Deleting Ray's checkpoint record stands in for that outage, deterministically.
+    """
+    from pipeline.storage import s3fs_filesystem, strip_scheme
+
+    storage = f"{s3_prefix}/checkpoints"
+    small = {"train": {"steps": 12, "log_every": 4}, "checkpoint": {"every_steps": 4},
+             "validation": {"every_steps": 4, "limit": 1}}
+    config = write_config(tmp_path, tiny_dataset, storage, **small,
+                          scaling={"max_failures": 0}, fault_injection={"kill_at_step": 8})
+    first = run_job("train.py", "--config", str(config), "--name", "unregistered", timeout=300)
+    assert first.returncode != 0 and "kills its own process at step 8" in first.stdout + first.stderr  # after step 4's
+
+    fs = s3fs_filesystem(settings)
+    record = f"{strip_scheme(storage)}/unregistered/checkpoint_manager_snapshot.json"
+
+    def forget_checkpoints():
+        fs.invalidate_cache()
+        assert fs.exists(record)
+        fs.rm(record)
+
+    forget_checkpoints()
+    config = write_config(tmp_path, tiny_dataset, storage, **small)
+    rerun = run_job("train.py", "--config", str(config), "--name", "unregistered", timeout=300)
+    out = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, out[-4000:]
+    assert "resumed from checkpoint at step 4/12 (found complete in storage" in out, out[-4000:]
+    assert "step 12/12" in out and "step 4/12 |" not in out and "registered" in out
+
+    forget_checkpoints()    # now the final checkpoint: nothing left to train, and the run still has a result
+    again = run_job("train.py", "--config", str(config), "--name", "unregistered", timeout=300)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-4000:]
+    assert "resumed from checkpoint at step 12/12 (found complete in storage" in out
+    assert "trained to step 12" in out and "registered" in out
+
+
 class _ForwardingProxy(BaseHTTPRequestHandler):
     """Forwards every request to the real MLflow server until the test stops it."""
 
