@@ -597,7 +597,7 @@ def run_batch_denoise(config: DenoiseConfig, settings: Settings, *, log: Callabl
             summary.add(row, keep_previews=0)
             log(f"failed: {row['key']}: {row['reason']}")
         summary.seconds = time.perf_counter() - start
-        lease.check()
+        lease.confirm()  # a compare-and-swap now: the renewal thread may be behind
         manifest, errors = merge_state(output=config.output, out_root=config.out_root, partition=config.partition,
                                        settings=settings, run_id=run_id, log=log)
     log(f"summary: {summary.line()}")

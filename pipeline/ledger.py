@@ -15,8 +15,9 @@ write's ``.tmp-*``, a record set aside as unreadable) are never read, and an unr
 record is set aside with a warning instead of failing the merge.
 
 The lease keeps two drivers off one OUTPUT at a time: created only if absent, renewed with
-compare-and-swap while the run lasts, taken over only once its holder stopped renewing it
-for longer than it promised, deleted at the end.
+compare-and-swap while the run lasts and once more, synchronously, right before the merge,
+taken over only once its holder stopped renewing it for longer than it promised, deleted at
+the end. A run that could not renew it for that long counts it as lost, taken over or not.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import os
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,7 +53,7 @@ class LeaseHeld(PipelineError):
 
 
 class LeaseLost(PipelineError):
-    """This run's lease was taken over (it could not renew it in time)."""
+    """This run's lease was taken over, or went unrenewed long enough that it may have been."""
 
 
 # -- naming ------------------------------------------------------------------------
@@ -223,9 +225,11 @@ class RunLease:
         self.log: Callable[[str], None] = print
         self.tag: str | None = None
         self.lost: str | None = None
+        self.renewed = time.monotonic()  # when the last successful write was sent
         self.started = _now()
         self.writes = 0  # makes every write's content (and so a local file's tag) differ
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the renewal thread and confirm() must not both swap one tag
         self._thread: threading.Thread | None = None
 
     def _record(self) -> bytes:
@@ -240,6 +244,7 @@ class RunLease:
     def acquire(self, *, log: Callable[[str], None] = print) -> "RunLease":
         """Create the lease, or take over a stale one; LeaseHeld when a live run holds it."""
         self.log = log
+        self.renewed = time.monotonic()  # before any write, so never later than the store's date of it
         for _ in range(3):
             self.tag = put_if(self.uri, self._record(), self.settings, tag=None)
             if self.tag:
@@ -265,29 +270,66 @@ class RunLease:
                 return self
         raise LeaseHeld(f"OUTPUT's lease {self.uri} keeps changing hands; another run is starting there")
 
+    def _overdue(self) -> bool:
+        """Whether the lease is lost; it is once no renewal succeeded for ``ttl_s`` (by this host's clock).
+
+        From then on another run may have found it stale and taken it over, even if the store
+        cannot be asked (an outage), so this run no longer counts on it.
+        """
+        elapsed = time.monotonic() - self.renewed
+        if not self.lost and self.tag is not None and elapsed > self.ttl_s:
+            self.lost = (f"the lease {self.uri} was not renewed for {elapsed:.0f}s, longer than its "
+                         f"{self.ttl_s:.0f}s ttl, so another run may have taken it over")
+        return self.lost is not None
+
     def renew(self) -> bool:
-        """Extend the lease; False (and ``lost`` set) once another run holds it."""
-        if self.lost or self.tag is None:
-            return False
-        tag = put_if(self.uri, self._record(), self.settings, tag=self.tag)
-        if tag is None:
-            self.lost = f"the lease {self.uri} was taken over by another run"
-            return False
-        self.tag = tag
-        return True
+        """Extend the lease; False (and ``lost`` set) once another run holds it or it went unrenewed too long."""
+        with self._lock:
+            if self.tag is None or self._overdue():
+                return False
+            sent = time.monotonic()
+            tag = put_if(self.uri, self._record(), self.settings, tag=self.tag)
+            if tag is None:
+                self.lost = f"the lease {self.uri} was taken over by another run"
+                return False
+            self.tag, self.renewed = tag, sent
+            return True
 
     def _keep_renewing(self) -> None:
         while not self._stop.wait(self.ttl_s / 4):
             try:
                 if not self.renew():
-                    self.log(f"error: {self.lost}; this run stops before merging")
-                    return
-            except Exception as exc:  # a store hiccup: try again at the next interval
+                    break
+            except Exception as exc:  # a store hiccup: try again at the next interval, while the ttl lasts
+                if self._overdue():
+                    break
                 self.log(f"warning: could not renew the lease ({first_line(exc)}); retrying")
+        if self.lost:
+            self.log(f"error: {self.lost}; this run stops before merging")
 
     def check(self) -> None:
-        if self.lost:
-            raise LeaseLost(f"{self.lost}; this run stopped before merging (its finished items are recorded)")
+        """LeaseLost once the lease is lost: the run must stop before merging."""
+        if self._overdue():
+            raise LeaseLost(f"{self.lost}; this run stopped before merging (its finished items are recorded, "
+                            f"and the next run skips them)")
+
+    def confirm(self) -> None:
+        """Renew now and wait for the answer, right before the merge; LeaseLost if the lease is not this run's.
+
+        The renewal thread may be a whole outage behind: only a compare-and-swap that succeeds
+        now shows that no other run took OUTPUT over meanwhile. Store errors are retried while
+        the ttl lasts.
+        """
+        while True:
+            try:
+                self.renew()
+                break
+            except Exception as exc:
+                if self._overdue():
+                    break
+                self.log(f"warning: could not renew the lease before merging ({first_line(exc)}); retrying")
+                time.sleep(min(5.0, self.ttl_s / 8))
+        self.check()
 
     def release(self) -> None:
         self._stop.set()

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import pipeline.ledger as ledger
 from pipeline.ledger import (
     LEASE,
     STATE,
@@ -27,7 +28,7 @@ from pipeline.ledger import (
     safe_key,
 )
 from pipeline.settings import Settings
-from pipeline.storage import fsspec_for, join, read_tagged
+from pipeline.storage import fsspec_for, join, put_if, read_tagged
 from tests.test_storage import moto_settings  # noqa: F401  (the moto server fixture)
 
 SETTINGS = Settings()
@@ -126,7 +127,7 @@ def test_a_live_lease_refuses_a_second_run_and_a_stale_one_is_taken_over(lease_o
     lines = []
     second = RunLease(output, settings, run_id="run-2", ttl_s=60).acquire(log=lines.append)
     assert lines == [lines[0]] and "took over the stale lease of run run-1" in lines[0]
-    assert not first.renew() and "taken over" in first.lost
+    assert not first.renew() and "taken" in first.lost  # taken over (or, 3.5s unrenewed, may have been)
     with pytest.raises(LeaseLost):
         first.check()
     first.release()  # must not delete run-2's lease
@@ -139,7 +140,7 @@ def test_a_live_lease_refuses_a_second_run_and_a_stale_one_is_taken_over(lease_o
 def test_the_lease_is_renewed_while_the_run_lasts_and_released_on_failure(tmp_path):
     output = str(tmp_path)
     with pytest.raises(RuntimeError, match="boom"):
-        with RunLease(output, SETTINGS, run_id="run-1", ttl_s=0.2).acquire() as lease:
+        with RunLease(output, SETTINGS, run_id="run-1", ttl_s=0.6).acquire() as lease:
             tags = {lease.tag}
             for _ in range(20):
                 time.sleep(0.05)
@@ -147,3 +148,43 @@ def test_the_lease_is_renewed_while_the_run_lasts_and_released_on_failure(tmp_pa
             raise RuntimeError("boom")
     assert len(tags) >= 3  # renewed every ttl/4
     assert read_tagged(join(output, STATE, LEASE), SETTINGS) is None
+
+
+def test_a_takeover_the_renewal_thread_has_not_seen_is_caught_by_the_renewal_before_the_merge(lease_output):
+    output, settings = lease_output
+    uri = join(output, STATE, LEASE)
+    first = RunLease(output, settings, run_id="run-1", ttl_s=60).acquire()
+    _, tag, _ = read_tagged(uri, settings)
+    assert put_if(uri, json.dumps({"run_id": "run-2", "ttl_s": 60}).encode(), settings, tag=tag)  # run-2 took over
+    first.check()  # nothing renewed since: the run cannot know yet
+    with pytest.raises(LeaseLost, match=r"^the lease .* was taken over by another run; this run stopped before "
+                                        r"merging \(its finished items are recorded"):
+        first.confirm()
+    first.release()
+    assert json.loads(read_tagged(uri, settings)[0])["run_id"] == "run-2"
+
+
+def test_a_run_that_could_not_renew_for_its_ttl_has_lost_its_lease_even_if_nobody_took_it(lease_output,
+                                                                                          monkeypatch):
+    """An S3 outage longer than the ttl: another run may have taken over meanwhile, so once the
+    store is back, the run still stops before merging, and leaves the lease to expire."""
+    output, settings = lease_output
+    lines = []
+
+    def outage(*args, **kwargs):
+        raise ConnectionError("store unreachable")
+
+    with RunLease(output, settings, run_id="run-1", ttl_s=1).acquire(log=lines.append) as lease:
+        with monkeypatch.context() as store_down:
+            store_down.setattr(ledger, "put_if", outage)
+            time.sleep(1.5)  # renewals every 0.25s, all failing
+        with pytest.raises(LeaseLost, match=r"^the lease .* was not renewed for \ds, longer than its 1s ttl, so "
+                                            r"another run may have taken it over; this run stopped before merging"):
+            lease.confirm()
+    assert lines[0] == "warning: could not renew the lease (ConnectionError: store unreachable); retrying"
+    assert lines[-1].startswith("error: the lease ") and lines[-1].endswith("; this run stops before merging")
+    assert json.loads(read_tagged(join(output, STATE, LEASE), settings)[0])["run_id"] == "run-1"  # left to expire
+    age_lease(output, settings, 2)  # S3 dates objects to the second
+    taken = []
+    RunLease(output, settings, run_id="run-2", ttl_s=60).acquire(log=taken.append).release()
+    assert "took over the stale lease of run run-1" in taken[0]
