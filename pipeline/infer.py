@@ -35,6 +35,7 @@ from pipeline.images import ImageError, decode_image, encode_png, reduce_to_uint
 from pipeline.ledger import (
     RunLease,
     StateIndex,
+    forget_done,
     item_name,
     limits_tag,
     merge_state,
@@ -363,8 +364,12 @@ def _quality(noisy: np.ndarray, denoised: np.ndarray, reference: np.ndarray | No
 
 
 def finish_row(row: dict, *, settings: Settings, config: DenoiseConfig, model_ref: str, model_version: str,
-               run_id: str) -> dict:
-    """Write the PNG, score it and record the item in the ledger; returns the item's status row."""
+               run_id: str, index: StateIndex = StateIndex()) -> dict:
+    """Write the PNG, score it and record the item in the ledger; returns the item's status row.
+
+    The key's earlier done records in this partition (``index``) go first: they describe the
+    PNG about to be replaced.
+    """
     now = dt.datetime.now(dt.timezone.utc).isoformat()
     record = {"key": row["key"], "input_uri": row["input_uri"], "checksum": row["checksum"],
               "status": row["status"], "reason": row["reason"], "stage": row["stage"], "retry": bool(row["retry"]),
@@ -375,6 +380,7 @@ def finish_row(row: dict, *, settings: Settings, config: DenoiseConfig, model_re
     preview = b""
     if record["status"] == "pending":
         try:
+            forget_done(fs, out_root, partition=config.partition, names=index.records_of(row["key"]))
             result, preview = _write_result(row, fs, settings=settings, config=config, model_ref=model_ref,
                                             model_version=model_version)
             record |= result
@@ -507,7 +513,7 @@ def build_dataset(config: DenoiseConfig, settings: Settings, sources: list[Sourc
         compute=ray.data.ActorPoolStrategy(size=config.workers), **actor_args)
     finished = denoised.map(finish_row, **task_args, fn_kwargs={
         "settings": settings, "config": config, "model_ref": model_ref, "model_version": model_version,
-        "run_id": run_id})
+        "run_id": run_id, "index": index})
     # This dataset's own context (a copy), so the process-wide defaults stay as they were.
     finished.context.enable_progress_bars = False
     finished.context.max_errored_blocks = -1  # a block whose task died after its retries: its items are reported
@@ -571,7 +577,7 @@ def run_batch_denoise(config: DenoiseConfig, settings: Settings, *, log: Callabl
     summary = Summary()
     with lease:
         index = read_state_index(config.output, settings, recipe=config.recipe_tag(model_ref, model_version),
-                                 limits=config.limits_tag)
+                                 limits=config.limits_tag, partition=config.partition)
         init_ray(settings)
         dataset = build_dataset(config, settings, sources, index=index, model_ref=model_ref,
                                 model_version=model_version, run_id=run_id)

@@ -8,8 +8,10 @@
 ``<item>`` is ``sha256(key)[:32]-sha256(bytes)[:16]``; ``<recipe>`` hashes the model version,
 sampler and steps, so a new model or another K redoes an item; ``<limits>`` hashes the size
 limits a final error was judged under, so raising them retries it. The task that finishes an
-item writes its record whole (write-then-rename); the driver lists the records once before a
-run (what to skip, in any partition) and merges the partition's records into
+item writes its record whole (write-then-rename), after removing the key's other done records
+in its partition (before its PNG is rewritten), so a key's one record there describes the PNG
+there; the driver lists the records once before a run (what to skip, in any partition) and
+merges the partition's records into
 ``manifest.parquet`` and ``errors.parquet`` at the end. Names starting with ``.`` (a killed
 write's ``.tmp-*``, a record set aside as unreadable) are never read, and an unreadable
 record is set aside with a warning instead of failing the merge.
@@ -31,7 +33,7 @@ import re
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.errors import PipelineError, first_line
@@ -120,21 +122,43 @@ def record_error(fs, output_root: str, *, partition: str, item: str, record: dic
                  json.dumps({c: record.get(c) for c in ERROR_COLUMNS}).encode())
 
 
+def forget_done(fs, output_root: str, *, partition: str, names) -> None:
+    """Remove done records before their key's PNG is rewritten.
+
+    Interrupted after this, the key has no record and is redone; it never keeps a record of
+    a PNG that was since replaced (model v1, then v2, then v1 again).
+    """
+    for name in names:
+        try:
+            fs.rm(marker_path(output_root, "done", partition, f"{name}.json"))
+        except FileNotFoundError:
+            pass
+
+
 # -- reading records (in the driver) ---------------------------------------------------
 
 
 @dataclass(frozen=True)
 class StateIndex:
-    """Record names already in OUTPUT/_state (every partition), and the tags this run judges by."""
+    """Record names already in OUTPUT/_state (every partition), and the tags this run judges by.
+
+    ``done`` holds a done record only where it is its key's one record in its partition, the
+    one that describes the PNG there; ``here`` maps key hashes to their done records in this
+    run's partition (removed before the key's PNG is written again).
+    """
 
     done: frozenset[str] = frozenset()
     final: frozenset[str] = frozenset()
     recipe: str = ""
     limits: str = ""
+    here: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
 
     def skips(self, item: str) -> bool:
         """Done with this model/sampler/K, or failed for good under these limits."""
         return f"{item}-{self.recipe}" in self.done or f"{item}-{self.limits}" in self.final
+
+    def records_of(self, key: str) -> tuple[str, ...]:
+        return self.here.get(key_hash(key), ())
 
 
 def _record_files(fs, base: str) -> list[str]:
@@ -143,12 +167,20 @@ def _record_files(fs, base: str) -> list[str]:
     return [p for p in fs.find(base) if p.endswith(".json") and not p.rsplit("/", 1)[-1].startswith(".")]
 
 
-def read_state_index(output: str, settings: Settings, *, recipe: str = "", limits: str = "") -> StateIndex:
+def read_state_index(output: str, settings: Settings, *, recipe: str = "", limits: str = "",
+                     partition: str | None = None) -> StateIndex:
     fs, root = fsspec_for(join(output, STATE), settings)
-    names = {kind: [p.rsplit("/", 1)[-1] for p in _record_files(fs, join(root, kind))] for kind in ("done", "errors")}
-    done = {n[: -len(".json")] for n in names["done"]}
-    final = {n[: -len(".final.json")] for n in names["errors"] if n.endswith(".final.json")}
-    return StateIndex(frozenset(done), frozenset(final), recipe=recipe, limits=limits)
+    by_key: dict[tuple[str, str], list[str]] = {}  # (partition, key hash) -> done record names
+    for path in _record_files(fs, join(root, "done")):
+        where, name = path.rsplit("/", 2)[-2:]
+        by_key.setdefault((where, name.split("-", 1)[0]), []).append(name[: -len(".json")])
+    # Several records of one key in a partition (left by an older version): which one the PNG
+    # is cannot be told, so none of them skips.
+    done = {names[0] for names in by_key.values() if len(names) == 1}
+    here = {key: tuple(names) for (where, key), names in by_key.items() if where == partition}
+    errors = [p.rsplit("/", 1)[-1] for p in _record_files(fs, join(root, "errors"))]
+    final = {n[: -len(".final.json")] for n in errors if n.endswith(".final.json")}
+    return StateIndex(frozenset(done), frozenset(final), recipe=recipe, limits=limits, here=here)
 
 
 def read_records(fs, base: str, *, log: Callable[[str], None] = print) -> list[dict]:

@@ -70,7 +70,7 @@ def expand_all(folder, *, index=StateIndex(), max_pixels=10_000_000, limits=Limi
 
 
 def run_items(rows: dict[str, dict], config: DenoiseConfig, denoise: Denoise, run_id: str = "run-1",
-              model_version: str = "1") -> list[dict]:
+              model_version: str = "1", index: StateIndex = StateIndex()) -> list[dict]:
     """What the Ray Data graph does, row by row."""
     out = []
     for row in rows.values():
@@ -78,7 +78,7 @@ def run_items(rows: dict[str, dict], config: DenoiseConfig, denoise: Denoise, ru
         batch = denoise(batch)
         row = {k: v[0] for k, v in batch.items()}
         out.append(finish_row(row, settings=SETTINGS, config=config, model_ref=f"models:/m/{model_version}",
-                              model_version=model_version, run_id=run_id))
+                              model_version=model_version, run_id=run_id, index=index))
     return out
 
 
@@ -86,7 +86,7 @@ def state_index(config: DenoiseConfig, model_version: str = "1") -> StateIndex:
     """What the driver reads before a run of ``config`` with ``models:/m/<model_version>``."""
     return read_state_index(config.output, SETTINGS, recipe=config.recipe_tag(f"models:/m/{model_version}",
                                                                               model_version),
-                            limits=config.limits_tag)
+                            limits=config.limits_tag, partition=config.partition)
 
 
 def merge(config: DenoiseConfig, run_id: str, log=print):
@@ -349,3 +349,48 @@ def test_sources_whose_task_died_become_error_rows_retried_next_run(tmp_path):
     _, errors = merge(config, run_id="run-1")
     assert list(errors["key"]) == ["b.png"] and errors.loc[0, "retry"] and errors.loc[0, "stage"] == "task"
     assert not state_index(config).final  # not final: the next run tries it again
+
+
+def test_a_key_is_skipped_only_while_its_record_is_the_png_there_model_rolled_back_or_bytes_restored(
+        tmp_path, monkeypatch):
+    import pipeline.infer as infer
+
+    noisy_dir, out_dir = tmp_path / "in", tmp_path / "out"
+    noisy_dir.mkdir()
+    original = encode_png(photo(16, 16))
+    (noisy_dir / "a.png").write_bytes(original)
+    config = DenoiseConfig.build(input=str(noisy_dir), output=str(out_dir), steps=2)
+    models = {"1": actor(), "2": actor(perturbed_model())}  # the identity, and a model that changes pixels
+    png, records = out_dir / "images" / "a.png", out_dir / "_state" / "done" / "undated"
+
+    def run(version: str) -> str:
+        index = state_index(config, version)
+        rows = expand_all(noisy_dir, index=index)
+        if rows["a.png"]["status"] == "pending":
+            [result] = run_items(rows, config, models[version], model_version=version, index=index)
+            assert result["status"] == "done", result["reason"]
+        return rows["a.png"]["status"]
+
+    assert [run(v) for v in ("1", "2", "1", "1")] == ["pending", "pending", "pending", "skipped"]
+    assert decode_image(png.read_bytes()).tolist() == decode_image(original).tolist()  # v1 is the identity
+    manifest, _ = merge(config, run_id="run-1")
+    assert list(manifest["model_version"]) == ["1"] and len(list(records.iterdir())) == 1
+
+    # Interrupted after the old record went and before the new PNG: no record, so any model redoes it.
+    with monkeypatch.context() as broken:
+        broken.setattr(infer, "write_atomic", lambda *args: (_ for _ in ()).throw(OSError("disk full")))
+        index = state_index(config, "2")
+        [failed] = run_items(expand_all(noisy_dir, index=index), config, models["2"], "run-2", "2", index)
+    assert failed["status"] == "failed" and "disk full" in failed["reason"] and not list(records.iterdir())
+    assert expand_all(noisy_dir, index=state_index(config, "1"))["a.png"]["status"] == "pending"
+    manifest, errors = merge(config, run_id="run-2")
+    assert manifest.empty and list(errors["key"]) == ["a.png"] and errors.loc[0, "retry"]
+    assert run("2") == "pending" and decode_image(png.read_bytes()).tolist() != decode_image(original).tolist()
+
+    # The same holds for the bytes: A, then B, then A again under one key.
+    (noisy_dir / "a.png").write_bytes(encode_png(photo(16, 16, seed=5)))
+    assert run("2") == "pending"
+    (noisy_dir / "a.png").write_bytes(original)
+    assert [run("2"), run("2")] == ["pending", "skipped"]
+    manifest, _ = merge(config, run_id="run-3")
+    assert list(manifest["model_version"]) == ["2"] and len(list(records.iterdir())) == 1

@@ -18,6 +18,7 @@ from pipeline.ledger import (
     LeaseHeld,
     LeaseLost,
     RunLease,
+    item_name,
     key_hash,
     limits_tag,
     merge_state,
@@ -64,30 +65,49 @@ def test_skip_tags_change_with_model_sampler_steps_and_limits():
 
 def test_index_and_merge_ignore_temporaries_and_set_aside_an_unreadable_record(tmp_path):
     fs, root = fsspec_for(str(tmp_path), SETTINGS)
-    for key in ("a.png", "b.png"):
-        record_done(fs, root, partition="p", item=f"item-{key}", recipe="r1",
+    a, b, c, x = (item_name(key, "c") for key in ("a.png", "b.png", "c.png", "x.png"))
+    for key, item in (("a.png", a), ("b.png", b)):
+        record_done(fs, root, partition="p", item=item, recipe="r1",
                     record={"key": key, "checksum": "c", "finished_at": "2024-01-01T00:00:00", "run_id": "r"})
-    record_error(fs, root, partition="p", item="item-c", limits="L1",
+    record_error(fs, root, partition="p", item=c, limits="L1",
                  record={"key": "c.png", "checksum": "c", "retry": False, "finished_at": "2024-01-01", "run_id": "r"})
     done_dir = tmp_path / STATE / "done" / "p"
-    (done_dir / ".tmp-0123-item-x-r1.json").write_text('{"key": "x.png"')  # a killed write
-    (done_dir / "item-b.png-r1.json").write_text('{"key": "b.png", "chec')  # truncated
+    (done_dir / f".tmp-0123-{x}-r1.json").write_text('{"key": "x.png"')  # a killed write
+    (done_dir / f"{b}-r1.json").write_text('{"key": "b.png", "chec')  # truncated
     index = read_state_index(str(tmp_path), SETTINGS, recipe="r1", limits="L1")
-    assert index.skips("item-a.png") and index.skips("item-c") and not index.skips("item-x")
-    assert not read_state_index(str(tmp_path), SETTINGS, recipe="r2", limits="L2").skips("item-c")
+    assert index.skips(a) and index.skips(c) and not index.skips(x)
+    assert not read_state_index(str(tmp_path), SETTINGS, recipe="r2", limits="L2").skips(c)
 
     lines = []
     manifest, errors = merge_state(output=str(tmp_path), out_root=str(tmp_path), partition="p", settings=SETTINGS,
                                    run_id="r", log=lines.append)
     assert list(manifest["key"]) == ["a.png"] and list(errors["key"]) == ["c.png"]
     [warning] = lines
-    assert warning.startswith("warning: unreadable state record") and "item-b.png-r1.json" in warning
-    assert (done_dir / ".corrupt-item-b.png-r1.json").exists()
+    assert warning.startswith("warning: unreadable state record") and f"{b}-r1.json" in warning
+    assert (done_dir / f".corrupt-{b}-r1.json").exists()
     # Set aside, the record no longer counts: its item is redone, and the next merge is quiet.
-    assert not read_state_index(str(tmp_path), SETTINGS, recipe="r1").skips("item-b.png")
+    assert not read_state_index(str(tmp_path), SETTINGS, recipe="r1").skips(b)
     merge_state(output=str(tmp_path), out_root=str(tmp_path), partition="p", settings=SETTINGS, run_id="r",
                 log=lines.append)
     assert len(lines) == 1
+
+
+def test_only_a_keys_one_record_in_a_partition_skips_and_a_rerun_removes_the_others_first(tmp_path):
+    """Records of two recipes for one key in one partition (an older version wrote v1, v2, then left
+    both): the PNG there is one of them, so neither skips; the key's records there are what a redo
+    removes before writing the PNG."""
+    fs, root = fsspec_for(str(tmp_path), SETTINGS)
+    a_old, a_new, b = item_name("a.png", "old"), item_name("a.png", "new"), item_name("b.png", "b")
+    for item, recipe, partition in ((a_old, "v1", "p"), (a_new, "v2", "p"), (b, "v1", "p"), (b, "v1", "q")):
+        record_done(fs, root, partition=partition, item=item, recipe=recipe, record={"key": "k"})
+    index = read_state_index(str(tmp_path), SETTINGS, recipe="v1", partition="p")
+    assert not index.skips(a_old) and not index.skips(a_new) and index.skips(b)
+    assert sorted(index.records_of("a.png")) == sorted([f"{a_old}-v1", f"{a_new}-v2"])
+    assert index.records_of("c.png") == () and not read_state_index(str(tmp_path), SETTINGS).here
+
+    ledger.forget_done(fs, root, partition="p", names=[*index.records_of("a.png"), "gone-already"])
+    assert sorted(p.name for p in (tmp_path / STATE / "done" / "p").iterdir()) == [f"{b}-v1.json"]
+    assert (tmp_path / STATE / "done" / "q" / f"{b}-v1.json").exists()  # another partition's PNG is not touched
 
 
 @pytest.fixture(params=["local", "moto", pytest.param("seaweedfs", marks=pytest.mark.stack)])
