@@ -1,5 +1,6 @@
 """jobs/denoise.py: clear failures before any cluster work (local folders, a moto server and a stub
-MLflow, fast), and end to end on the local stack (SeaweedFS, MLflow, Ray, marked ``stack``): outputs,
+MLflow, fast), the lease at the end of a run (its stages in this process, without Ray), and end to
+end on the local stack (SeaweedFS, MLflow, Ray, marked ``stack``): outputs,
 bad inputs, a driver killed mid-run and rerun (which takes over its stale lease, skips what was done
 and survives MLflow going away after the merge). Skipping rules in detail are tested on the stage
 functions in test_infer.py, the lease in test_ledger.py."""
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import json
 import os
 import re
 import signal
@@ -17,6 +19,7 @@ import sys
 import tarfile
 import threading
 import time
+import types
 import uuid
 
 import numpy as np
@@ -127,6 +130,102 @@ def test_a_live_lease_on_output_makes_a_second_run_refuse_with_one_line(tmp_path
     assert err.count("\n") == 1 and err.startswith("error: OUTPUT is in use by run nightly-1 on ")
     assert [p.name for p in (tmp_path / "out").rglob("*") if p.is_file()] == [LEASE]  # nothing else written
     holder.release()
+
+
+@pytest.fixture
+def without_ray(monkeypatch):
+    """jobs/denoise.py's stages in this process, one item after the other, instead of Ray Data.
+
+    Append a function to the returned list to have it called with each item's status row as
+    the driver receives it.
+    """
+    import pipeline.cluster
+    import pipeline.infer as infer
+
+    hooks = []
+
+    def build_dataset(config, settings, sources, *, index, model_ref, model_version, run_id):
+        model = infer.Denoise(model_uri=model_ref, settings=settings, sampler=config.sampler, steps=config.steps,
+                              tile=config.tile, overlap=config.overlap, batch_size=config.batch_size)
+
+        def iter_rows():
+            for source in sources:
+                for row in infer.expand_source({"rel": source.rel, "uri": source.uri, "size": source.size},
+                                               settings=settings, limits=config.limits, index=index,
+                                               max_pixels=config.max_pixels):
+                    batch = model({k: np.array([v], dtype=object) for k, v in row.items()})
+                    status = infer.finish_row({k: v[0] for k, v in batch.items()}, settings=settings,
+                                              config=config, model_ref=model_ref, model_version=model_version,
+                                              run_id=run_id, index=index)
+                    for hook in hooks:
+                        hook(status)
+                    yield status
+
+        return types.SimpleNamespace(iter_rows=iter_rows)
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(pipeline.cluster, "init_ray", lambda settings: None)
+    monkeypatch.setattr(infer, "build_dataset", build_dataset)
+    return hooks
+
+
+def two_images_and_a_model(tmp_path) -> list[str]:
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        (tmp_path / "in" / f"{i}.png").write_bytes(encode_png(noisy_photo(16, i)))
+    return [str(tmp_path / "in"), str(tmp_path / "out"), "--model", local_checkpoint(tmp_path / "ckpt"),
+            "--steps", "2"]
+
+
+def test_a_run_whose_lease_was_taken_over_stops_before_merging_and_its_work_is_merged_next_run(
+        tmp_path, mlflow_stub, without_ray, capsys):
+    """The takeover comes after the renewal thread's last look (it renews every 150s here): the
+    compare-and-swap right before the merge is what catches it."""
+    from jobs.denoise import main
+
+    args = two_images_and_a_model(tmp_path)
+    lease, done = tmp_path / "out" / STATE / LEASE, tmp_path / "out" / STATE / "done" / "undated"
+    other = []
+
+    def take_over_after_the_first_item(row):
+        if not other:
+            os.utime(lease, (time.time() - 700, time.time() - 700))  # as if this run had not renewed for 700s
+            other.append(RunLease(args[1], load_settings(), run_id="nightly-2", ttl_s=600).acquire(log=print))
+
+    without_ray.append(take_over_after_the_first_item)
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "lease: took over the stale lease of run" in captured.out
+    assert captured.err.count("\n") == 1 and re.match(
+        r"error: the lease \S+ was taken over by another run; this run stopped before merging \(its finished "
+        r"items are recorded, and the next run skips them\)$", captured.err)
+    assert len(list(done.iterdir())) == 2  # both items finished and recorded
+    assert not list((tmp_path / "out").glob("*.parquet"))  # nothing merged
+    assert json.loads(lease.read_bytes())["run_id"] == "nightly-2"  # the other run's lease is left alone
+
+    other[0].release()
+    without_ray.clear()
+    assert main(args) == 0
+    assert summary_counts(capsys.readouterr().out) == (0, 2, 0)
+    manifest = pd.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert sorted(manifest["key"]) == ["0.png", "1.png"] and manifest["run_id"].nunique() == 1
+    assert not lease.exists()
+
+
+def test_sigterm_stops_the_run_releases_the_lease_and_keeps_finished_items(tmp_path, mlflow_stub, without_ray):
+    """What ``ray job stop`` sends first: the driver unwinds (exit 143) instead of leaving its lease
+    to block reruns for --lease-seconds; only SIGKILL does that."""
+    from jobs.denoise import main
+
+    args = two_images_and_a_model(tmp_path)
+    before = signal.getsignal(signal.SIGTERM)
+    without_ray.append(lambda row: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) == before
+    assert not (tmp_path / "out" / STATE / LEASE).exists()
+    assert len(list((tmp_path / "out" / STATE / "done" / "undated").iterdir())) == 1
+    assert not list((tmp_path / "out").glob("*.parquet"))
 
 
 def test_a_missing_output_bucket_fails_before_anything_is_written(moto_settings, mlflow_stub, monkeypatch,  # noqa: F811
