@@ -43,6 +43,7 @@ from pipeline.images import to_float  # noqa: E402
 from pipeline.metrics import psnr  # noqa: E402
 from pipeline.model import ModelConfig, UNet, model_stats  # noqa: E402
 from pipeline.noise import TEST_CAMERA, TRAIN_CAMERA, synthesize_pair  # noqa: E402
+from pipeline.shards import fresh_noise_crops  # noqa: E402
 
 CANDIDATES: dict[str, ModelConfig] = {
     "res16": ModelConfig(width=16, channel_mults=(1, 2, 4, 8), block="res"),  # the old tiny
@@ -54,8 +55,10 @@ CANDIDATES: dict[str, ModelConfig] = {
     "naf24-3": ModelConfig(width=24, channel_mults=(1, 2, 4), block="naf"),
     "naf16-5": ModelConfig(width=16, channel_mults=(1, 2, 4, 8, 16), block="naf"),
 }
+# data: "pool" (a few stored draws per photo, one redrawn now and then) or "fresh" (new camera
+# noise on every crop, as the reader gives clean photos).
 RECIPE = {"lr": 2e-3, "warmup": 100, "batch": 16, "patch": 64, "time_mass": 0.3, "T": 1000, "loss": "charbonnier",
-          "clip": 1.0}
+          "clip": 1.0, "data": "pool"}
 
 
 def parse_run(spec: str) -> tuple[str, ModelConfig, dict]:
@@ -80,12 +83,15 @@ def eval_blocks(photos: tuple[str, ...], *, camera, blocks: int = 8) -> list[tup
 
 
 class Pool:
-    """Noisy/clean full images of the training photos; one photo gets fresh noise every ``refresh`` draws."""
+    """Noisy/clean full images of the training photos; one photo gets fresh noise every ``refresh`` draws.
 
-    def __init__(self, rng: np.random.Generator, draws: int = 3, refresh: int = 4) -> None:
-        self.rng, self.refresh, self.calls = rng, refresh, 0
+    ``fresh``: no pool; every crop gets a new camera (``shards.fresh_noise_crops``, the reader's path).
+    """
+
+    def __init__(self, rng: np.random.Generator, draws: int = 3, refresh: int = 4, fresh: bool = False) -> None:
+        self.rng, self.refresh, self.calls, self.fresh = rng, refresh, 0, fresh
         self.photos = [to_float(demo_image(name, 384)) for name in TRAIN_PHOTOS]
-        self.pairs = [self._draw(i) for i in range(len(self.photos)) for _ in range(draws)]
+        self.pairs = [] if fresh else [self._draw(i) for i in range(len(self.photos)) for _ in range(draws)]
 
     def _draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         clean, noisy, _ = synthesize_pair(self.photos[index], self.rng)
@@ -93,6 +99,11 @@ class Pool:
                 torch.from_numpy(noisy).permute(2, 0, 1).contiguous())
 
     def batch(self, size: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fresh:
+            crops = [fresh_noise_crops(self.photos[int(self.rng.integers(len(self.photos)))], key="", crops=1,
+                                       patch_size=patch, rng=self.rng, noise_seed=None) for _ in range(size)]
+            return (torch.from_numpy(np.concatenate([c for c, _ in crops])),
+                    torch.from_numpy(np.concatenate([n for _, n in crops])))
         self.calls += 1
         if self.calls % self.refresh == 0:
             slot = int(self.rng.integers(len(self.pairs)))
@@ -135,7 +146,9 @@ def run(name: str, config: ModelConfig, recipe: dict, *, cpu_minutes: float, see
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], betas=(0.9, 0.99), weight_decay=1e-4)
     T = recipe["T"]
     weights = time_weights(T, at_T=recipe["time_mass"])
-    pool = Pool(rng)
+    if recipe["data"] not in ("pool", "fresh"):
+        raise SystemExit(f"data must be pool or fresh, got {recipe['data']!r}")
+    pool = Pool(rng, fresh=recipe["data"] == "fresh")
     val = eval_blocks(VAL_PHOTOS, camera=TRAIN_CAMERA)
     test = eval_blocks(TEST_PHOTOS, camera=TEST_CAMERA)
     budget = cpu_minutes * 60.0
