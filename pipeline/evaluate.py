@@ -72,6 +72,8 @@ class EvalConfig(BaseModel):
     local: bool = Field(False, description="run in this process without Ray (quick checks)")
     actors: int = Field(2, ge=1, description="model actors on Ray")
     gpu: bool = Field(False, description="one GPU per model actor")
+    self_ensemble: bool = Field(False, description="run every sampler on the 8 flips and quarter turns of each "
+                                                   "image and average them (8x the model calls)")
 
     @field_validator("methods")
     @classmethod
@@ -125,7 +127,8 @@ def evaluate_item(item: dict, *, crop: int | None, sidd: bool, denoiser: Denoise
         if method in SAMPLERS:
             if denoiser is None:
                 raise RuntimeError("no model loaded for a model method")
-            output = denoiser.denoise(noisy, sampler=method, steps=steps, tile=TILE, overlap=OVERLAP)
+            output = denoiser.denoise(noisy, sampler=method, steps=steps, tile=TILE, overlap=OVERLAP,
+                                      self_ensemble=bool(item.get("self_ensemble")))
         elif method in ORACLE_METHODS:  # given what no real photo tells: its true noise level
             output = ORACLE_METHODS[method](noisy, true_sigma(clean, noisy))
         else:
@@ -147,14 +150,16 @@ def method_steps(method: str, steps: Iterable[int]) -> list[int | None]:
     return [None] if method not in SAMPLERS else [1] if method == "direct" else list(steps)
 
 
-def work_items(pair: dict, *, methods: Iterable[str], steps: Iterable[int], preview_keys: Iterable[str]) -> list[dict]:
+def work_items(pair: dict, *, methods: Iterable[str], steps: Iterable[int], preview_keys: Iterable[str],
+               self_ensemble: bool = False) -> list[dict]:
     """The cells of one pair: one per classic method, one per (sampler, K)."""
     preview = pair["key"] in set(preview_keys)
     cells = []
     for method in methods:
         for k in method_steps(method, steps):
             cells.append({"key": pair["key"], "method": method, "steps": k, "clean": pair["clean"],
-                          "noisy": pair["noisy"], "preview": preview})
+                          "noisy": pair["noisy"], "preview": preview,
+                          "self_ensemble": self_ensemble and method in SAMPLERS})
     return cells
 
 
@@ -277,7 +282,8 @@ def _run_local(selection, settings, *, config, steps, preview_keys, sidd, denois
     if denoiser is not None:
         _place(denoiser, config.gpu)
     for pair in read_selected_pairs(selection, settings):
-        for item in work_items(pair, methods=config.methods, steps=steps, preview_keys=preview_keys):
+        for item in work_items(pair, methods=config.methods, steps=steps, preview_keys=preview_keys,
+                               self_ensemble=config.self_ensemble):
             yield evaluate_item(item, crop=config.crop, sidd=sidd, denoiser=denoiser)
 
 
@@ -294,8 +300,8 @@ def _run_on_ray(selection, settings, *, config, steps, preview_keys, sidd, denoi
                                       num_cpus=READ_CPUS)
         if selection.limited:
             pairs = pairs.filter(lambda row: row["key"] in keys, num_cpus=READ_CPUS)
-        return pairs.flat_map(work_items, fn_kwargs={"methods": methods, "steps": steps, "preview_keys": preview_keys},
-                              num_cpus=READ_CPUS)
+        return pairs.flat_map(work_items, fn_kwargs={"methods": methods, "steps": steps, "preview_keys": preview_keys,
+                                                     "self_ensemble": config.self_ensemble}, num_cpus=READ_CPUS)
 
     if config.gpu and config.samplers and not ray.cluster_resources().get("GPU"):
         raise EvaluationError("--gpu was given but the Ray cluster has no GPUs")
@@ -396,6 +402,8 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
         "evaluated pairs hash": selection.pairs_hash,
         "model": (f"{config.model} (name {denoiser.name}, version {denoiser.version}, T = {denoiser.T})"
                   if denoiser else "not used"),
+        "samplers": ("each on the 8 flips and quarter turns of the image, averaged (self-ensemble)"
+                     if config.self_ensemble else "one pass per image"),
         "timing": ("this process" if config.local else f"Ray workers ({TASK_CPUS} CPU per task, {ACTOR_CPUS} CPU per "
                    f"model actor{', GPU' if config.gpu else ''})") + "; compare speeds within one report only",
     }
@@ -406,7 +414,7 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
                      "model_version": denoiser.version or ""})
     params = {"dataset": config.dataset, "split": config.split, "pairs": len(selection.keys), "crop": config.crop,
               "methods": ",".join(config.methods), "steps": ",".join(map(str, steps)), "model": config.model,
-              "protocol": "sidd" if sidd else "whole", "local": config.local}
+              "protocol": "sidd" if sidd else "whole", "local": config.local, "self_ensemble": config.self_ensemble}
     run_name = f"eval-{Path(config.dataset.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     staging = staging_dir(config.report)

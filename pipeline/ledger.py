@@ -93,9 +93,10 @@ def _tag(*parts) -> str:
     return hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).hexdigest()[:12]
 
 
-def recipe_tag(*, model_uri: str, model_version: str, sampler: str, steps: int) -> str:
-    """What a done item depends on besides its bytes: the model and how it was sampled."""
-    return _tag(model_uri, model_version, sampler, steps)
+def recipe_tag(*, model_uri: str, model_version: str, sampler: str, steps: int, self_ensemble: bool = False) -> str:
+    """What a done item depends on besides its bytes: the model and how it was sampled.
+    (``self_ensemble`` enters only when on, so the tags of earlier runs stay valid.)"""
+    return _tag(model_uri, model_version, sampler, steps, *(["self-ensemble"] if self_ensemble else []))
 
 
 def limits_tag(*, max_megapixels: float, max_image_mb: float) -> str:

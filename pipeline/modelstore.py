@@ -21,7 +21,7 @@ from pipeline.errors import PipelineError
 from pipeline.model import UNet
 from pipeline.settings import Settings
 from pipeline.storage import fsspec_for, join
-from pipeline.tiling import denoise_tiled
+from pipeline.tiling import denoise_tiled, geometric_self_ensemble
 
 DEFAULT_MODEL_URI = "models:/denoiser@champion"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -40,11 +40,12 @@ class Denoiser:
     version: str | None = None
 
     def denoise(self, image, *, sampler: str = "improved", steps: int = DEFAULT_STEPS, tile: int = 512,
-                overlap: int = 32, batch: int = 4):
+                overlap: int = 32, batch: int = 4, self_ensemble: bool = False):
         """H x W x 3 float image in [0, 1], any size -> denoised, in tiles on the model's device.
 
         The one place where jobs turn a photo into a model output, so the batch job and the
-        evaluation score exactly the same computation. ``steps`` (K) must be in 1..T.
+        evaluation score exactly the same computation. ``steps`` (K) must be in 1..T. ``self_ensemble``
+        runs each tile in its 8 flips and quarter turns and averages them (8x the model calls).
         """
         import numpy as np
 
@@ -57,7 +58,8 @@ class Denoiser:
             return sample(self.model, tiles, T=self.T, steps=steps, sampler=sampler)
 
         with torch.inference_mode():
-            out = denoise_tiled(run, pixels, tile=tile, overlap=overlap, batch=batch)
+            fn = geometric_self_ensemble(run) if self_ensemble else run
+            out = denoise_tiled(fn, pixels, tile=tile, overlap=overlap, batch=batch)
         return out.clamp(0, 1).cpu().numpy().transpose(1, 2, 0)
 
 

@@ -18,7 +18,7 @@ from pipeline.diffusion import (
     training_loss,
 )
 from pipeline.model import build_model
-from pipeline.tiling import _blend_window, denoise_tiled
+from pipeline.tiling import _blend_window, denoise_tiled, geometric_self_ensemble
 
 
 def oracle_for(x0: torch.Tensor):
@@ -263,6 +263,34 @@ def test_tiled_pointwise_function_matches_whole_image_and_batch_size_does_not_ma
     many = denoise_tiled(fn, image, tile=24, overlap=6, batch=64)
     assert torch.allclose(one, fn(image), atol=1e-6)
     assert torch.allclose(one, many, atol=1e-6)
+
+
+@settings(max_examples=20, deadline=None)
+@given(height=st.integers(1, 12), width=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_self_ensemble_is_the_mean_over_the_eight_flips_and_turns(height, width, seed):
+    torch.manual_seed(seed)
+    image = torch.rand(2, 3, height, width)
+    # Commutes with flips and turns: the ensemble changes nothing.
+    pointwise = lambda b: torch.sigmoid(4 * b - 1)  # noqa: E731
+    assert torch.allclose(geometric_self_ensemble(pointwise)(image), pointwise(image), atol=1e-6)
+    # Does not: a shift one pixel right. Averaged over the 8 views it becomes the mean of the
+    # shifts towards the 4 neighbours (each view's right is one of them, twice), which
+    # any image's mean brightness survives.
+    shift = lambda b: torch.roll(b, 1, dims=-1)  # noqa: E731
+    neighbours = sum(torch.roll(image, s, dims=d) for d in (-2, -1) for s in (1, -1)) / 4
+    out = geometric_self_ensemble(shift)(image)
+    assert out.shape == image.shape and torch.allclose(out, neighbours, atol=1e-6)
+
+
+def test_self_ensemble_calls_the_function_eight_times_on_turned_shapes():
+    shapes = []
+
+    def fn(batch):
+        shapes.append(tuple(batch.shape[-2:]))
+        return batch
+
+    geometric_self_ensemble(fn)(torch.rand(1, 3, 5, 7))
+    assert sorted(shapes) == [(5, 7)] * 4 + [(7, 5)] * 4
 
 
 def test_image_smaller_than_a_tile_is_one_call():

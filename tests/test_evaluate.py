@@ -92,6 +92,9 @@ def test_cells_per_pair():
     assert [(i["method"], i["steps"]) for i in items] == [("noisy", None), ("direct", 1), ("improved", 1),
                                                           ("improved", 4)]
     assert all(i["preview"] and i["clean"] == b"c" for i in items)
+    assert not any(i["self_ensemble"] for i in items)
+    ensembled = ev.work_items(pair, methods=["noisy", "improved"], steps=[4], preview_keys=[], self_ensemble=True)
+    assert [(i["method"], i["self_ensemble"]) for i in ensembled] == [("noisy", False), ("improved", True)]
 
 
 def test_item_scores_match_metrics_and_failures_become_rows():

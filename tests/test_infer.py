@@ -43,10 +43,11 @@ def photo(height: int, width: int, seed: int = 0, dtype=np.uint8) -> np.ndarray:
     return np.round(noisy * np.iinfo(dtype).max).astype(dtype)
 
 
-def actor(model=None, *, T: int = 20, tile: int = 512, steps: int = 4) -> Denoise:
+def actor(model=None, *, T: int = 20, tile: int = 512, steps: int = 4, self_ensemble: bool = False) -> Denoise:
     model = model or build_model("tiny")
     return Denoise(model_uri="test", settings=SETTINGS, sampler="improved", steps=steps, tile=tile, overlap=8,
-                   batch_size=2, threads=1, denoiser=Denoiser(model=model.eval(), T=T, uri="test"))
+                   batch_size=2, self_ensemble=self_ensemble, threads=1,
+                   denoiser=Denoiser(model=model.eval(), T=T, uri="test"))
 
 
 def perturbed_model():
@@ -167,6 +168,19 @@ def test_tiled_inference_matches_whole_image_inference():
     tiled = actor(model, tile=48).denoise(image)
     assert not np.array_equal(whole, image)  # the model does something
     assert psnr(whole / 255.0, tiled / 255.0) > 35
+
+
+def test_self_ensemble_averages_the_turned_outputs_of_the_same_model():
+    image = photo(40, 56, seed=4)
+    model = perturbed_model()
+    plain, ensembled = actor(model).denoise(image), actor(model, self_ensemble=True).denoise(image)
+    assert ensembled.shape == image.shape and ensembled.dtype == image.dtype
+    assert not np.array_equal(plain, ensembled) and psnr(plain / 255.0, ensembled / 255.0) > 30
+    turned = actor(model).denoise(np.ascontiguousarray(np.rot90(image)))
+    # One of the eight views by hand: the model run on the turned photo, turned back.
+    assert psnr(ensembled / 255.0, np.rot90(turned, -1) / 255.0) > 30
+    identity = actor(self_ensemble=True).denoise(image)
+    assert np.abs(identity.astype(np.int64) - image).max() <= 1
 
 
 def test_actor_reports_a_failing_item_and_keeps_going():

@@ -57,8 +57,9 @@ def test_skip_tags_change_with_model_sampler_steps_and_limits():
     base = {"model_uri": "models:/d/1", "model_version": "1", "sampler": "improved", "steps": 10}
     tags = {recipe_tag(**base)} | {recipe_tag(**{**base, k: v}) for k, v in
                                    (("model_uri", "models:/d/2"), ("model_version", "2"), ("sampler", "origin"),
-                                    ("steps", 4))}
-    assert len(tags) == 5
+                                    ("steps", 4), ("self_ensemble", True))}
+    assert len(tags) == 6
+    assert recipe_tag(**base) == recipe_tag(**base, self_ensemble=False)  # earlier runs' records stay valid
     assert limits_tag(max_megapixels=100, max_image_mb=1024) == limits_tag(max_megapixels=100.0, max_image_mb=1024.0)
     assert limits_tag(max_megapixels=100, max_image_mb=1024) != limits_tag(max_megapixels=200, max_image_mb=1024)
 
