@@ -18,6 +18,12 @@ the choice carries over to a camera never seen.
     python benchmarks/ablation.py --runs naf16 res16 --cpu-minutes 5 --out reports/ablation
     python benchmarks/ablation.py --runs naf16:time_mass=0.3 ...   # a recipe variant of a preset
 
+Recipe keys (``RECIPE``): lr, warmup, batch, patch, time_mass, T, loss, clip; data (``pool``
+or ``fresh``), colors (``keep``, ``shuffle``: channel order per crop, ``recolor``: new scene
+colours per pool draw), photo_size (long side of the training photos), leaves (pool slots
+holding a new procedural dead-leaves image at every draw). Runs differ a lot between seeds at
+short budgets (docs/evaluation.md): compare several ``--seed`` values before trusting a gap.
+
 Results go to OUT/<run>.json, one file per run, and ``--table`` prints a
 Markdown table of every JSON file in OUT.
 """
@@ -57,8 +63,9 @@ CANDIDATES: dict[str, ModelConfig] = {
 }
 # data: "pool" (a few stored draws per photo, one redrawn now and then) or "fresh" (new camera
 # noise on every crop, as the reader gives clean photos).
+# colors: "keep", or "shuffle" (a random order of the RGB channels per crop, the same on both sides).
 RECIPE = {"lr": 2e-3, "warmup": 100, "batch": 16, "patch": 64, "time_mass": 0.3, "T": 1000, "loss": "charbonnier",
-          "clip": 1.0, "data": "pool"}
+          "clip": 1.0, "data": "pool", "colors": "keep", "photo_size": 384, "leaves": 0}
 
 
 def parse_run(spec: str) -> tuple[str, ModelConfig, dict]:
@@ -76,9 +83,47 @@ def parse_run(spec: str) -> tuple[str, ModelConfig, dict]:
     return spec.replace(":", "_").replace(",", "_").replace("=", ""), config, recipe
 
 
+def recolor(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Scene colours the few training photos lack: channel order, saturation, a tint."""
+    out = rgb[:, :, rng.permutation(3)]
+    luma = out @ np.array([0.299, 0.587, 0.114], np.float32)
+    out = luma[..., None] + rng.uniform(0.6, 1.6) * (out - luma[..., None])
+    tint = np.exp(rng.uniform(-0.35, 0.35, 3)).astype(np.float32)
+    out = out * (tint / (tint @ np.array([0.299, 0.587, 0.114], np.float32)))
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+def dead_leaves(rng: np.random.Generator, size: int = 384) -> np.ndarray:
+    """A procedural clean image: overlapping disks of random colour (power-law radii), each
+    with a soft shading gradient, front to back until the plane is covered; flat regions and
+    sharp edges in every colour, which the few training photos lack."""
+    out = np.zeros((size, size, 3), np.float32)
+    free = np.ones((size, size), bool)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for _ in range(3000):
+        radius = min(size / 2, 4.0 * rng.uniform(1e-3, 1.0) ** (-1 / 2))
+        cy, cx = rng.uniform(-radius, size + radius, 2)
+        y0, y1 = int(max(0, cy - radius)), int(min(size, cy + radius + 1))
+        x0, x1 = int(max(0, cx - radius)), int(min(size, cx + radius + 1))
+        if y0 >= y1 or x0 >= x1:
+            continue
+        inside = ((yy[y0:y1, x0:x1] - cy) ** 2 + (xx[y0:y1, x0:x1] - cx) ** 2 <= radius**2) & free[y0:y1, x0:x1]
+        if not inside.any():
+            continue
+        colour = rng.uniform(0, 1, 3).astype(np.float32) ** rng.uniform(0.5, 2.0)
+        slope = rng.normal(0, 0.3 / max(radius, 1.0), 2).astype(np.float32)
+        shade = 1 + slope[0] * (yy[y0:y1, x0:x1] - cy) + slope[1] * (xx[y0:y1, x0:x1] - cx)
+        out[y0:y1, x0:x1][inside] = (colour[None, :] * shade[inside][:, None])
+        free[y0:y1, x0:x1][inside] = False
+        if not free.any():
+            break
+    from scipy.ndimage import gaussian_filter
+    return np.clip(gaussian_filter(out, (0.7, 0.7, 0)), 0, 1).astype(np.float32)
+
+
 def eval_blocks(photos: tuple[str, ...], *, camera, blocks: int = 8) -> list[tuple]:
     """(clean, noisy) float blocks: ``blocks`` 64x64 tiles per photo and noise level."""
-    return [(to_float(b["clean"]), to_float(b["noisy"]))
+    return [(to_float(b["clean"]), to_float(b["noisy"]), b["meta"]["photo"])
             for b in noise_blocks(photos, model=camera, block=64, blocks=blocks)]
 
 
@@ -88,13 +133,17 @@ class Pool:
     ``fresh``: no pool; every crop gets a new camera (``shards.fresh_noise_crops``, the reader's path).
     """
 
-    def __init__(self, rng: np.random.Generator, draws: int = 3, refresh: int = 4, fresh: bool = False) -> None:
+    def __init__(self, rng: np.random.Generator, draws: int = 3, refresh: int = 4, fresh: bool = False,
+                 colors: str = "keep", photo_size: int = 384, leaves: int = 0) -> None:
         self.rng, self.refresh, self.calls, self.fresh = rng, refresh, 0, fresh
-        self.photos = [to_float(demo_image(name, 384)) for name in TRAIN_PHOTOS]
+        self.shuffle, self.recolor = colors == "shuffle", colors == "recolor"
+        self.photos = [to_float(demo_image(name, photo_size)) for name in TRAIN_PHOTOS] + [None] * leaves
         self.pairs = [] if fresh else [self._draw(i) for i in range(len(self.photos)) for _ in range(draws)]
 
     def _draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        clean, noisy, _ = synthesize_pair(self.photos[index], self.rng)
+        photo = dead_leaves(self.rng) if self.photos[index] is None else self.photos[index]  # a new one each draw
+        photo = recolor(photo, self.rng) if self.recolor else photo
+        clean, noisy, _ = synthesize_pair(photo, self.rng)
         return (torch.from_numpy(clean).permute(2, 0, 1).contiguous(),
                 torch.from_numpy(noisy).permute(2, 0, 1).contiguous())
 
@@ -114,8 +163,9 @@ class Pool:
             y = int(self.rng.integers(clean.shape[1] - patch + 1))
             x = int(self.rng.integers(clean.shape[2] - patch + 1))
             k, flip = int(self.rng.integers(4)), bool(self.rng.integers(2))
+            order = self.rng.permutation(3) if self.shuffle else np.arange(3)
             for out, image in ((cleans, clean), (noisys, noisy)):
-                crop = torch.rot90(image[:, y:y + patch, x:x + patch], k, dims=(1, 2))
+                crop = torch.rot90(image[order, y:y + patch, x:x + patch], k, dims=(1, 2))
                 out.append(crop.flip(2) if flip else crop)
         return torch.stack(cleans), torch.stack(noisys)
 
@@ -124,8 +174,8 @@ class Pool:
 def score(model: UNet, pairs: list[tuple], *, T: int) -> dict[str, float]:
     """Mean PSNR and its standard error (``<name>_se``) of the input and two samplers, over the blocks."""
     model.eval()
-    clean = np.stack([c for c, _ in pairs])
-    noisy = torch.from_numpy(np.stack([n for _, n in pairs])).permute(0, 3, 1, 2).contiguous()
+    clean = np.stack([c for c, _, _ in pairs])
+    noisy = torch.from_numpy(np.stack([n for _, n, _ in pairs])).permute(0, 3, 1, 2).contiguous()
     outputs = {"noisy": noisy}
     for name, sampler, k in (("direct", "direct", 1), ("improved5", "improved", 5)):
         outputs[name] = torch.cat([sample(model, chunk, T=T, steps=k, sampler=sampler).clamp(0, 1)
@@ -135,10 +185,15 @@ def score(model: UNet, pairs: list[tuple], *, T: int) -> dict[str, float]:
     for name, images in outputs.items():
         values = [psnr(c, p) for c, p in zip(clean, images.permute(0, 2, 3, 1).double().numpy())]
         out[name], out[f"{name}_se"] = float(np.mean(values)), float(np.std(values, ddof=1) / len(values) ** 0.5)
+        if name == "improved5":
+            photos = [photo for _, _, photo in pairs]
+            out["improved5_per_photo"] = {p: float(np.mean([v for v, q in zip(values, photos) if q == p]))
+                                          for p in dict.fromkeys(photos)}
     return out
 
 
 def run(name: str, config: ModelConfig, recipe: dict, *, cpu_minutes: float, seed: int, out: Path) -> dict:
+    name = f"{name}_seed{seed}" if seed else name  # several seeds of one run side by side in OUT
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = UNet(config)
@@ -148,7 +203,10 @@ def run(name: str, config: ModelConfig, recipe: dict, *, cpu_minutes: float, see
     weights = time_weights(T, at_T=recipe["time_mass"])
     if recipe["data"] not in ("pool", "fresh"):
         raise SystemExit(f"data must be pool or fresh, got {recipe['data']!r}")
-    pool = Pool(rng, fresh=recipe["data"] == "fresh")
+    if recipe["colors"] not in ("keep", "shuffle", "recolor"):
+        raise SystemExit(f"colors must be keep, shuffle or recolor, got {recipe['colors']!r}")
+    pool = Pool(rng, fresh=recipe["data"] == "fresh", colors=recipe["colors"],
+                photo_size=recipe["photo_size"], leaves=recipe["leaves"])
     val = eval_blocks(VAL_PHOTOS, camera=TRAIN_CAMERA)
     test = eval_blocks(TEST_PHOTOS, camera=TEST_CAMERA)
     budget = cpu_minutes * 60.0
@@ -209,7 +267,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="*", default=[], help="candidates, optionally with :key=value overrides")
     parser.add_argument("--cpu-minutes", type=float, default=5.0, help="process CPU time per run (one thread)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="weights, crops and noise; runs of seed N > 0 are "
+                                                            "saved as <run>_seedN")
     parser.add_argument("--out", type=Path, default=Path("reports/ablation"))
     parser.add_argument("--table", action="store_true", help="print the Markdown table of OUT and exit")
     args = parser.parse_args()

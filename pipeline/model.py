@@ -21,6 +21,8 @@ __all__ = ["BLOCKS", "ModelConfig", "NAFBlock", "PRESETS", "ResBlock", "UNet", "
 
 #: Block types of the UNet: ``res`` (pre-norm ResBlock, SiLU) or ``naf`` (NAFNet's gated block).
 BLOCKS = ("res", "naf")
+TIME_CONDITIONING = ("shift", "scale")
+CHANNEL_ATTENTION = ("linear", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,13 @@ class ModelConfig:
     # which rebuild exactly the network they were trained with.
     block: str = "res"
     pool_window: int = 64  # naf: side of the local mean of its channel attention, in full-resolution pixels
+    # naf: how t enters a block. "shift" adds the embedding before the gates (the presets, and
+    # every NAF checkpoint so far); "scale" multiplies the gated features by (1 + embedding),
+    # which cannot turn into a constant channel that the gates' products blow up.
+    time_conditioning: str = "shift"
+    # naf: the channel attention's multiplier: "linear" (NAFNet's, unbounded; the presets) or
+    # "sigmoid" (2 sigmoid, in (0, 2), as squeeze-and-excitation bounds it).
+    channel_attention: str = "linear"
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; the dataclass must stay hashable and comparable.
@@ -46,6 +55,10 @@ class ModelConfig:
             raise ValueError(f"width, in_channels, blocks_per_level and pool_window must be >= 1: {self}")
         if self.block not in BLOCKS:
             raise ValueError(f"unknown block {self.block!r}; choose from {BLOCKS}")
+        if self.time_conditioning not in TIME_CONDITIONING:
+            raise ValueError(f"unknown time_conditioning {self.time_conditioning!r}; choose from {TIME_CONDITIONING}")
+        if self.channel_attention not in CHANNEL_ATTENTION:
+            raise ValueError(f"unknown channel_attention {self.channel_attention!r}; choose from {CHANNEL_ATTENTION}")
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ValueError(f"channel_mults must be non-empty positive ints: {self.channel_mults}")
 
@@ -163,18 +176,24 @@ class NAFBlock(nn.Module):
     other) after a depthwise conv, a simplified channel attention (a 1x1 conv
     of the local channel means, multiplied in), then a gated 1x1 feed-forward;
     LayerNorm over channels before each half and learnt residual scales that
-    start at zero. The time embedding is added after the first 1x1 conv. A 1x1
-    conv adapts the width when ``in_ch != out_ch`` (skip joins in the decoder).
+    start at zero. A 1x1 conv adapts the width when ``in_ch != out_ch`` (skip
+    joins in the decoder). ``time_conditioning`` and ``channel_attention`` choose
+    between NAFNet's form (time added before the products, an unbounded
+    attention; the presets) and one that adds no constant for the products to
+    blow up (time as a scale after the gate, an attention bounded to (0, 2));
+    docs/method.md "Network" says what each did to the early plateau.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, time_dim: int, pool_window: int) -> None:
+    def __init__(self, in_ch: int, out_ch: int, time_dim: int, pool_window: int, time_conditioning: str = "shift",
+                 channel_attention: str = "linear"):
         super().__init__()
         c = out_ch
-        self.pool_window = pool_window
+        self.pool_window, self.time_conditioning = pool_window, time_conditioning
+        self.bounded_attention = channel_attention == "sigmoid"
         self.skip = nn.Conv2d(in_ch, c, 1) if in_ch != c else nn.Identity()
         self.norm1 = ChannelNorm(c)
         self.conv1 = nn.Conv2d(c, 2 * c, 1)
-        self.time = nn.Linear(time_dim, 2 * c)
+        self.time = nn.Linear(time_dim, 2 * c if time_conditioning == "shift" else c)
         self.dwconv = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
         self.attention = nn.Conv2d(c, c, 1)
         self.conv2 = nn.Conv2d(c, c, 1)
@@ -191,9 +210,13 @@ class NAFBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = self.skip(x)
-        h = self.conv1(self.norm1(x)) + self.time(emb)[:, :, None, None]
-        h = self.gate(self.dwconv(h))
-        h = h * self.attention(local_mean(h, self.pool_window))
+        time = self.time(emb)[:, :, None, None]
+        if self.time_conditioning == "shift":
+            h = self.gate(self.dwconv(self.conv1(self.norm1(x)) + time))
+        else:
+            h = self.gate(self.dwconv(self.conv1(self.norm1(x)))) * (1 + time)
+        attention = self.attention(local_mean(h, self.pool_window))
+        h = h * (2 * torch.sigmoid(attention) if self.bounded_attention else attention)
         x = x + self.beta * self.conv2(h)
         return x + self.gamma * self.ffn2(self.gate(self.ffn1(self.norm2(x))))
 
@@ -254,7 +277,8 @@ class UNet(nn.Module):
         ch = c.width
         def block(in_ch: int, out_ch: int, level: int) -> nn.Module:
             if c.block == "naf":
-                return NAFBlock(in_ch, out_ch, time_dim, pool_window=max(1, c.pool_window >> level))
+                return NAFBlock(in_ch, out_ch, time_dim, pool_window=max(1, c.pool_window >> level),
+                                time_conditioning=c.time_conditioning, channel_attention=c.channel_attention)
             return ResBlock(in_ch, out_ch, time_dim)
 
         lowest = len(chans) - 1

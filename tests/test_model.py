@@ -166,9 +166,27 @@ def test_old_checkpoint_configs_load_as_resblock_unets():
         ModelConfig(block="transformer")
 
 
-def test_naf_unet_starts_as_identity_and_time_reaches_every_block():
+def test_naf_configs_without_time_conditioning_load_with_the_shift_they_were_trained_with():
+    old = {"width": 8, "channel_mults": [1, 2], "block": "naf", "pool_window": 64}
+    config = ModelConfig.from_dict(old)
+    assert (config.time_conditioning, config.channel_attention) == ("shift", "linear")
+    assert (PRESETS["tiny"].time_conditioning, PRESETS["tiny"].channel_attention) == ("shift", "linear")
+    blocks = [m for m in UNet(config).modules() if isinstance(m, NAFBlock)]
+    assert all(b.time.out_features == 2 * b.conv2.out_channels for b in blocks)  # the saved weights' shapes
+    scaled = [m for m in UNet(ModelConfig.from_dict({**old, "time_conditioning": "scale"})).modules()
+              if isinstance(m, NAFBlock)]
+    assert all(b.time.out_features == b.conv2.out_channels for b in scaled)
+    with pytest.raises(ValueError, match="unknown time_conditioning"):
+        ModelConfig(block="naf", time_conditioning="film")
+    with pytest.raises(ValueError, match="unknown channel_attention"):
+        ModelConfig(block="naf", channel_attention="softmax")
+
+
+@pytest.mark.parametrize("variant", [{"time_conditioning": "shift", "channel_attention": "linear"},
+                                     {"time_conditioning": "scale", "channel_attention": "sigmoid"}])
+def test_naf_unet_starts_as_identity_and_time_reaches_every_block(variant):
     torch.manual_seed(0)
-    model = UNet(width=8, channel_mults=(1, 2), block="naf")
+    model = UNet(width=8, channel_mults=(1, 2), block="naf", **variant)
     x = torch.rand(2, 3, 20, 12)
     assert torch.equal(model(x, torch.rand(2)), x)
     randomise_output(model)
