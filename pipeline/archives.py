@@ -273,16 +273,30 @@ def _open_tar(stream, limits: Limits) -> tarfile.TarFile:
     return Archive.open(fileobj=stream, mode="r|*", encoding="utf-8", errors="surrogateescape")
 
 
+# Extended headers (long name, long link, pax) in front of one member; tarfile reads each chain
+# recursively, so without a cap a crafted chain ends in a RecursionError thousands of frames
+# deep, whose traceback can itself overflow whoever formats it. Real archives use a few.
+MAX_CHAINED_HEADERS = 32
+
+
 class _TarInfo(tarfile.TarInfo):
-    """Records the header error that makes ``TarFile.next`` end an archive without a word."""
+    """Records the header error that makes ``TarFile.next`` end an archive without a word, and
+    ends a chain of extended headers longer than :data:`MAX_CHAINED_HEADERS`."""
 
     @classmethod
     def fromtarfile(cls, archive):
+        depth = getattr(archive, "header_depth", 0)
+        if depth >= MAX_CHAINED_HEADERS:
+            raise ArchiveError(f"a member has more than {MAX_CHAINED_HEADERS} chained extended headers "
+                               "(long name, pax); the rest were not read")
+        archive.header_depth = depth + 1
         try:
             return super().fromtarfile(archive)
         except (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError) as exc:
             archive.header_problem = str(exc) or type(exc).__name__
             raise
+        finally:
+            archive.header_depth = depth
 
 
 class _BoundedTarFile(tarfile.TarFile):
