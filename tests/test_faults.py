@@ -23,7 +23,8 @@ from pipeline.images import encode_png
 from pipeline.model import build_model
 from pipeline.settings import load_settings
 from pipeline.shards import write_json, write_split
-from pipeline.storage import fsspec_for, join, write_atomic
+from pipeline.train import stored_checkpoint
+from pipeline.storage import arrow_fs_for, fsspec_for, join, write_atomic
 from tests.conftest import ROOT, STACK, STACK_ENV, read_env_file
 from tests.test_denoise_job import SMALL, images_under, noisy_photo, read_table, summary_counts
 from tests.test_stack import NAMES, free_ports
@@ -196,13 +197,13 @@ def test_seaweedfs_killed_mid_training_resumes_from_the_last_checkpoint(tmp_path
     log = tmp_path / "train.log"
     job = start_job("train.py", "--config", str(config), "--name", name, env=env, log=log)
     fs, run_dir = fsspec_for(join(storage, name), settings)
+    arrow_fs, _ = arrow_fs_for(join(storage, name), settings)
 
-    def checkpointed() -> bool:
-        fs.invalidate_cache()
-        return fs.exists(run_dir) and any(p.rsplit("/", 1)[-1].startswith("step-") for p in fs.ls(run_dir))
+    def checkpointed() -> bool:     # whole: a folder caught mid-upload is rightly not resumed from
+        return stored_checkpoint(arrow_fs, run_dir) is not None
 
     try:
-        wait_until(checkpointed, job=job, timeout=300, what="a checkpoint")
+        wait_until(checkpointed, job=job, timeout=300, what="a complete checkpoint")
         status, out = outage_while(job, private_s3, log)
         if status != 0:
             assert_clear_failure(out)
