@@ -37,13 +37,17 @@ LR, WARMUP, TOTAL, BATCH, T = 2e-3, 200, 2500, 8, 1000
 
 
 def variant_config(spec: str):
-    """``naf:shift,linear`` -> naf16 with that time conditioning and channel attention."""
+    """``naf:shift,linear`` -> naf16 with that time conditioning and channel attention;
+    a third item ``no-out-norm`` drops the LayerNorm before the last conv."""
     _, _, rest = spec.partition(":")
-    time_conditioning, attention = rest.split(",")
-    return replace(CANDIDATES["naf16"], time_conditioning=time_conditioning, channel_attention=attention)
+    time_conditioning, attention, *extra = rest.split(",")
+    if extra not in ([], ["no-out-norm"]):
+        raise SystemExit(f"unknown variant options {extra} in {spec!r}")
+    return replace(CANDIDATES["naf16"], time_conditioning=time_conditioning, channel_attention=attention,
+                   output_norm=not extra)
 
 
-def run(spec: str, seed: int, steps: int) -> dict:
+def run(spec: str, seed: int, steps: int, batch: int = BATCH) -> dict:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = UNet(variant_config(spec))
@@ -65,7 +69,7 @@ def run(spec: str, seed: int, steps: int) -> dict:
         lr = LR * min(1.0, step / WARMUP) * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * step / TOTAL)))
         for group in opt.param_groups:
             group["lr"] = lr
-        target, degraded = pool.batch(BATCH, 64)
+        target, degraded = pool.batch(batch, 64)
         loss = training_loss(model, target, degraded, T=T, kind="charbonnier", weights=None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -87,11 +91,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["naf:shift,linear", "naf:scale,sigmoid"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=BATCH, help="16 = the global batch of cpu.yaml's two workers")
     args = parser.parse_args()
     torch.set_num_threads(1)
     for spec in args.variants:
         for seed in args.seeds:
-            print(json.dumps(run(spec, seed, args.steps)), flush=True)
+            print(json.dumps({**run(spec, seed, args.steps, args.batch), "batch": args.batch}), flush=True)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.diffusion import DEFAULT_STEPS, SAMPLERS
 from pipeline.errors import PipelineError, validation_problems
-from pipeline.model import PRESETS, ModelConfig
+from pipeline.model import CHANNEL_ATTENTION, PRESETS, TIME_CONDITIONING, ModelConfig
 from pipeline.settings import read_yaml_mapping
 
 
@@ -51,10 +51,17 @@ class DataConfig(Section):
 class ModelSection(Section):
     preset: Literal[tuple(PRESETS)] = "tiny"  # type: ignore[valid-type]
     width: int | None = Field(None, ge=1, description="override the preset's base channel width")
+    time_conditioning: Literal[TIME_CONDITIONING] | None = Field(  # type: ignore[valid-type]
+        None, description="naf blocks: override how t enters ('shift' adds it before the gates, 'scale' "
+        "multiplies the gated features)")
+    channel_attention: Literal[CHANNEL_ATTENTION] | None = Field(  # type: ignore[valid-type]
+        None, description="naf blocks: override the channel attention ('linear' or bounded 'sigmoid')")
+    output_norm: bool | None = Field(None, description="override the LayerNorm before the last conv")
 
     def unet_config(self) -> ModelConfig:
+        overrides = {name: value for name, value in self.model_dump(exclude={"preset"}).items() if value is not None}
         base = PRESETS[self.preset]
-        return base if self.width is None else ModelConfig(**{**base.to_dict(), "width": self.width})
+        return ModelConfig(**{**base.to_dict(), **overrides}) if overrides else base
 
 
 class DiffusionConfig(Section):

@@ -47,6 +47,9 @@ class ModelConfig:
     # naf: the channel attention's multiplier: "linear" (NAFNet's, unbounded; the presets) or
     # "sigmoid" (2 sigmoid, in (0, 2), as squeeze-and-excitation bounds it).
     channel_attention: str = "linear"
+    # LayerNorm over channels before the last conv (every checkpoint so far). NAFNet ends without
+    # one; without it a constant channel costs loss directly instead of swamping the norm.
+    output_norm: bool = True
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; the dataclass must stay hashable and comparable.
@@ -311,7 +314,7 @@ class UNet(nn.Module):
             else:
                 self.upsamples.append(nn.Identity())
 
-        self.out_norm = ChannelNorm(ch)
+        self.out_norm = ChannelNorm(ch) if c.output_norm else nn.Identity()
         self.out_conv = nn.Conv2d(ch, c.in_channels, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from pipeline.model import PRESETS, ModelConfig, NAFBlock, ResBlock, UNet, build_model, local_mean, model_stats
+from pipeline.model import PRESETS, ChannelNorm, ModelConfig, NAFBlock, ResBlock, UNet, build_model, local_mean, model_stats
 
 
 def randomise_output(model: UNet, std: float = 0.05) -> UNet:
@@ -182,8 +182,27 @@ def test_naf_configs_without_time_conditioning_load_with_the_shift_they_were_tra
         ModelConfig(block="naf", channel_attention="softmax")
 
 
+def test_without_the_output_norm_a_constant_channel_shifts_the_output_instead_of_erasing_the_image():
+    """The plateau's mechanism: one huge constant channel makes the norm's output the same at every pixel."""
+    assert PRESETS["tiny"].output_norm and ModelConfig.from_dict({"width": 8}).output_norm  # old checkpoints
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 16, 16)
+    residuals = {}
+    for output_norm in (True, False):
+        model = randomise_output(UNet(width=8, channel_mults=(1, 2), block="naf", output_norm=output_norm))
+        assert isinstance(model.out_norm, ChannelNorm) == output_norm
+        last = model.up_blocks[-1][-1]
+        last.register_forward_hook(lambda module, args, out: out + torch.eye(8)[0].view(1, 8, 1, 1) * 1e4)
+        with torch.no_grad():
+            residual = model(x, 1.0) - x
+        residuals[output_norm] = residual[..., 2:-2, 2:-2]          # away from the zero padding
+    assert residuals[True].std(dim=(2, 3)).max() < 1e-3              # the same vector everywhere
+    assert residuals[False].std(dim=(2, 3)).min() > 1e-2              # content still reaches the output
+
+
 @pytest.mark.parametrize("variant", [{"time_conditioning": "shift", "channel_attention": "linear"},
-                                     {"time_conditioning": "scale", "channel_attention": "sigmoid"}])
+                                     {"time_conditioning": "scale", "channel_attention": "sigmoid"},
+                                     {"output_norm": False}])
 def test_naf_unet_starts_as_identity_and_time_reaches_every_block(variant):
     torch.manual_seed(0)
     model = UNet(width=8, channel_mults=(1, 2), block="naf", **variant)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, apply_overrides, load_config, parse_override
-from pipeline.model import UNet
+from pipeline.model import PRESETS, ModelConfig, UNet
 from pipeline.train import Clock, evaluate, lr_factor, rng_state, set_rng_state, update_ema
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +48,12 @@ def test_overrides_are_dotted_yaml_scalars(tmp_path):
     assert config.optimizer.lr == pytest.approx(3e-4)
     assert config.scaling.num_workers == 2 and config.train.bf16 is True and config.validation.limit is None
     assert config.model.unet_config().width == 8 and config.scaling.resources_per_worker == {"CPU": 0.5}
+    blocks = load_config(write(tmp_path, MINIMAL), ["model.output_norm=false", "model.channel_attention=sigmoid"])
+    assert blocks.model.unet_config() == ModelConfig(**{**PRESETS["tiny"].to_dict(), "output_norm": False,
+                                                        "channel_attention": "sigmoid"})
+    assert load_config(write(tmp_path, MINIMAL)).model.unet_config() == PRESETS["tiny"]
+    with pytest.raises(ConfigError, match="model.time_conditioning"):
+        load_config(write(tmp_path, MINIMAL), ["model.time_conditioning=film"])
     assert parse_override("a.b=[1, 2]") == (["a", "b"], [1, 2])
     tree = {"a": {"b": 1}}
     assert apply_overrides(tree, ["a.c=x"]) == {"a": {"b": 1, "c": "x"}} and tree == {"a": {"b": 1}}
