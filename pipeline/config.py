@@ -44,6 +44,8 @@ class DataConfig(Section):
     synthetic: str | None = Field(None, description="a dataset of clean photos (ingest --noise fresh) mixed into "
                                   "training with fresh camera noise on every crop")
     synthetic_weight: float = Field(0.5, ge=0, le=1, description="share of training patches from data.synthetic")
+    channel_shuffle: bool = Field(False, description="give each crop's clean and noisy sides the same random "
+                                  "order of R, G, B, so every hue is seen (a blue sky as well as brown coffee)")
     shuffle_buffer: int = Field(0, ge=0, description="patches in each worker's local shuffle buffer (0: off); "
                                 "mixes crops of different photos and datasets into one batch")
 

@@ -164,13 +164,15 @@ def _key_digest(text: str) -> int:
 
 
 def random_crops(batch: dict, *, patch_size: int, crops_per_image: int, seed: int | None,
-                 noise_seed: int | None = None, noise_model: str = "train") -> dict:
+                 noise_seed: int | None = None, noise_model: str = "train", channel_shuffle: bool = False) -> dict:
     """map_batches function: decode PNGs, cut aligned patches. ``seed=None`` gives new
     patches every epoch; a fixed seed repeats the same stream (for tests and benchmarks).
 
     A row without a noisy side (a clean photo, ingested with ``--noise fresh``) gets camera
     noise synthesized here, on each crop, with a new camera every time unless ``noise_seed``
     is fixed. The output is the same either way: {"clean", "noisy"} (N, 3, P, P) float32.
+    ``channel_shuffle`` puts both sides of each crop in one random order of R, G, B: a model
+    trained on a few photos otherwise learns their hues and fails on others (docs/evaluation.md).
 
     A plain function, not a callable class: Ray Data runs it as tasks fused with the
     Parquet read, where a class would start an actor pool (one actor first) every epoch.
@@ -186,6 +188,9 @@ def random_crops(batch: dict, *, patch_size: int, crops_per_image: int, seed: in
         else:
             c, n = aligned_crops(decode_png_float(clean_png), decode_png_float(noisy_png),
                                  patch_size=patch_size, crops=crops_per_image, rng=rng)
+        if channel_shuffle:
+            orders = np.stack([rng.permutation(3) for _ in range(len(c))])[:, :, None, None]
+            c, n = np.take_along_axis(c, orders, axis=1), np.take_along_axis(n, orders, axis=1)
         cleans.append(c)
         noisies.append(n)
     return {"clean": np.concatenate(cleans), "noisy": np.concatenate(noisies)}
@@ -221,7 +226,7 @@ def mix_crops(pairs: dict[str, int], weights: dict[str, float], crops_per_image:
 def training_patches(dataset_uri: str, settings: Settings, *, patch_size: int, crops_per_image: int = 8,
                      split: str = "train", seed: int | None = None, batch_size: int = 4,
                      num_cpus: float = 0.5, noise_seed: int | None = None, noise_model: str = "train",
-                     synthetic: str | None = None, synthetic_weight: float = 0.5):
+                     synthetic: str | None = None, synthetic_weight: float = 0.5, channel_shuffle: bool = False):
     """Streaming Ray Dataset of aligned random patches {"clean", "noisy"}: float32 (3,P,P) in [0,1].
 
     Pairs with a noisy side are cropped as stored; clean photos get fresh camera noise per crop
@@ -246,7 +251,8 @@ def training_patches(dataset_uri: str, settings: Settings, *, patch_size: int, c
                    for uri, n in crops.items() if n > 0]
     # Interleaved, so both datasets are read from the start of every epoch.
     items = [item for group in itertools.zip_longest(*per_dataset) for item in group if item is not None]
-    crop_args = {"patch_size": patch_size, "seed": seed, "noise_seed": noise_seed, "noise_model": noise_model}
+    crop_args = {"patch_size": patch_size, "seed": seed, "noise_seed": noise_seed, "noise_model": noise_model,
+                 "channel_shuffle": channel_shuffle}
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _shard_patches, batch_size=1, batch_format="numpy", num_cpus=num_cpus,
         fn_kwargs={"settings": settings, "batch_size": batch_size, **crop_args})

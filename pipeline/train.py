@@ -535,7 +535,8 @@ def _fit(config: TrainConfig, settings: Settings, *, total: int, run_id: str, st
     patches = training_patches(config.dataset, settings, patch_size=config.data.patch_size,
                                crops_per_image=config.data.crops_per_image, seed=config.data.seed,
                                noise_seed=config.data.noise.seed, noise_model=config.data.noise.model,
-                               synthetic=config.data.synthetic, synthetic_weight=config.data.synthetic_weight)
+                               synthetic=config.data.synthetic, synthetic_weight=config.data.synthetic_weight,
+                               channel_shuffle=config.data.channel_shuffle)
     scaling = config.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,

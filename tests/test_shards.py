@@ -1,5 +1,7 @@
 """Shards and readers on the real stack; alignment is checked with noisy = 1 - clean."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -66,6 +68,18 @@ def test_random_crops_handles_stored_pairs_and_clean_photos_in_one_batch():
     assert 1e-3 < np.abs(out["noisy"][3:] - out["clean"][3:]).mean() < 0.2           # synthesized noise
     again = random_crops(batch, patch_size=16, crops_per_image=3, seed=5, noise_seed=1)
     np.testing.assert_array_equal(out["noisy"], again["noisy"])
+
+
+def test_channel_shuffle_gives_both_sides_of_a_crop_one_random_channel_order():
+    batch = {name: [r[name] for r in _rows(1)] for name in ("key", "clean", "noisy")}
+    plain = random_crops(batch, patch_size=16, crops_per_image=24, seed=5)
+    shuffled = random_crops(batch, patch_size=16, crops_per_image=24, seed=5, channel_shuffle=True)
+    np.testing.assert_allclose(shuffled["noisy"], 1 - shuffled["clean"], atol=1e-6)  # one order for both sides
+    orders = [next(order for order in itertools.permutations(range(3))
+                   if np.array_equal(shuffled["clean"][i], plain["clean"][i][list(order)])) for i in range(24)]
+    assert len(set(orders)) > 3                      # the same crops, in many orders, not one fixed swap
+    again = random_crops(batch, patch_size=16, crops_per_image=24, seed=5, channel_shuffle=True)
+    np.testing.assert_array_equal(shuffled["clean"], again["clean"])     # a seed fixes the orders too
 
 
 def test_mix_crops_splits_an_epoch_by_weight():
