@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.diffusion import DEFAULT_STEPS, SAMPLERS
 from pipeline.errors import PipelineError, validation_problems
 from pipeline.model import CHANNEL_ATTENTION, PRESETS, TIME_CONDITIONING, ModelConfig
 from pipeline.settings import read_yaml_mapping
+from pipeline.shards import CHANNEL_SHUFFLES
 
 
 class ConfigError(PipelineError, ValueError):
@@ -44,10 +45,18 @@ class DataConfig(Section):
     synthetic: str | None = Field(None, description="a dataset of clean photos (ingest --noise fresh) mixed into "
                                   "training with fresh camera noise on every crop")
     synthetic_weight: float = Field(0.5, ge=0, le=1, description="share of training patches from data.synthetic")
-    channel_shuffle: bool = Field(False, description="give each crop's clean and noisy sides the same random "
-                                  "order of R, G, B, so every hue is seen (a blue sky as well as brown coffee)")
+    channel_shuffle: Literal[CHANNEL_SHUFFLES] = Field(  # type: ignore[valid-type]
+        "none", description="give each crop's clean and noisy sides one random channel order, so more hues "
+        "are seen: 'all' (any order of R, G, B), 'red-blue' (R and B swapped in half the crops; G, the "
+        "least noisy channel of a Bayer camera, stays), 'none'; true/false mean 'all'/'none'")
     shuffle_buffer: int = Field(0, ge=0, description="patches in each worker's local shuffle buffer (0: off); "
                                 "mixes crops of different photos and datasets into one batch")
+
+    @field_validator("channel_shuffle", mode="before")
+    @classmethod
+    def _shuffle_from_bool(cls, value):
+        """Configs written when this was a switch keep their meaning."""
+        return {True: "all", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class ModelSection(Section):

@@ -163,16 +163,33 @@ def _key_digest(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
+CHANNEL_SHUFFLES = ("none", "all", "red-blue")
+
+
+def channel_orders(count: int, mode: str, rng: np.random.Generator) -> np.ndarray:
+    """(count, 3) channel orders, one per crop: any permutation ('all'), R and B swapped with
+    probability 1/2 ('red-blue': G, the least noisy channel in every Bayer camera, keeps its
+    place), or the identity ('none')."""
+    if mode == "all":
+        return np.stack([rng.permutation(3) for _ in range(count)]).reshape(count, 3)
+    if mode == "red-blue":
+        return np.where(rng.random(count)[:, None] < 0.5, [2, 1, 0], [0, 1, 2])
+    if mode == "none":
+        return np.tile(np.arange(3), (count, 1))
+    raise ValueError(f"channel_shuffle must be one of {CHANNEL_SHUFFLES}, got {mode!r}")
+
+
 def random_crops(batch: dict, *, patch_size: int, crops_per_image: int, seed: int | None,
-                 noise_seed: int | None = None, noise_model: str = "train", channel_shuffle: bool = False) -> dict:
+                 noise_seed: int | None = None, noise_model: str = "train", channel_shuffle: str = "none") -> dict:
     """map_batches function: decode PNGs, cut aligned patches. ``seed=None`` gives new
     patches every epoch; a fixed seed repeats the same stream (for tests and benchmarks).
 
     A row without a noisy side (a clean photo, ingested with ``--noise fresh``) gets camera
     noise synthesized here, on each crop, with a new camera every time unless ``noise_seed``
     is fixed. The output is the same either way: {"clean", "noisy"} (N, 3, P, P) float32.
-    ``channel_shuffle`` puts both sides of each crop in one random order of R, G, B: a model
-    trained on a few photos otherwise learns their hues and fails on others (docs/evaluation.md).
+    ``channel_shuffle`` (:func:`channel_orders`) puts both sides of each crop in one random
+    channel order: a model trained on a few photos otherwise learns their hues and fails on
+    others (docs/evaluation.md).
 
     A plain function, not a callable class: Ray Data runs it as tasks fused with the
     Parquet read, where a class would start an actor pool (one actor first) every epoch.
@@ -188,8 +205,8 @@ def random_crops(batch: dict, *, patch_size: int, crops_per_image: int, seed: in
         else:
             c, n = aligned_crops(decode_png_float(clean_png), decode_png_float(noisy_png),
                                  patch_size=patch_size, crops=crops_per_image, rng=rng)
-        if channel_shuffle:
-            orders = np.stack([rng.permutation(3) for _ in range(len(c))])[:, :, None, None]
+        if channel_shuffle != "none":
+            orders = channel_orders(len(c), channel_shuffle, rng)[:, :, None, None]
             c, n = np.take_along_axis(c, orders, axis=1), np.take_along_axis(n, orders, axis=1)
         cleans.append(c)
         noisies.append(n)
@@ -226,7 +243,7 @@ def mix_crops(pairs: dict[str, int], weights: dict[str, float], crops_per_image:
 def training_patches(dataset_uri: str, settings: Settings, *, patch_size: int, crops_per_image: int = 8,
                      split: str = "train", seed: int | None = None, batch_size: int = 4,
                      num_cpus: float = 0.5, noise_seed: int | None = None, noise_model: str = "train",
-                     synthetic: str | None = None, synthetic_weight: float = 0.5, channel_shuffle: bool = False):
+                     synthetic: str | None = None, synthetic_weight: float = 0.5, channel_shuffle: str = "none"):
     """Streaming Ray Dataset of aligned random patches {"clean", "noisy"}: float32 (3,P,P) in [0,1].
 
     Pairs with a noisy side are cropped as stored; clean photos get fresh camera noise per crop

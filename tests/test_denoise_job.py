@@ -21,6 +21,7 @@ import threading
 import time
 import types
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -261,6 +262,24 @@ def registered_model(settings):
     client.set_registered_model_alias(name, "champion", info.registered_model_version)
     yield name, str(info.registered_model_version)
     client.delete_registered_model(name)
+
+
+@pytest.mark.stack
+def test_the_registered_version_serves_through_mlflow_pyfunc_with_its_requirements(settings, registered_model):
+    import mlflow
+    from mlflow.artifacts import download_artifacts
+
+    from pipeline.modelstore import SERVING_PACKAGES
+
+    name, version = registered_model
+    uri = f"models:/{name}/{version}"
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    noisy = np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32)
+    served = mlflow.pyfunc.load_model(uri).predict(noisy)
+    np.testing.assert_allclose(served, noisy, atol=1e-5)  # the untrained model is the identity
+    requirements = Path(download_artifacts(artifact_uri=f"{uri}/requirements.txt")).read_text().split()
+    assert sorted(r.split("==")[0] for r in requirements) == sorted(SERVING_PACKAGES)
+    assert all("==" in r and "+" not in r for r in requirements)
 
 
 @pytest.mark.stack

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from pipeline.images import encode_png
-from pipeline.shards import (DatasetError, aligned_crops, fresh_noise_crops, mix_crops, random_crops, read_card,
-                             split_files, training_patches, validation_pairs, write_json, write_split)
+from pipeline.shards import (CHANNEL_SHUFFLES, DatasetError, aligned_crops, channel_orders, fresh_noise_crops,
+                             mix_crops, random_crops, read_card, split_files, training_patches, validation_pairs,
+                             write_json, write_split)
 
 
 def _rows(n, size=48, seed=0, *, clean_only=False, prefix="k"):
@@ -73,13 +74,32 @@ def test_random_crops_handles_stored_pairs_and_clean_photos_in_one_batch():
 def test_channel_shuffle_gives_both_sides_of_a_crop_one_random_channel_order():
     batch = {name: [r[name] for r in _rows(1)] for name in ("key", "clean", "noisy")}
     plain = random_crops(batch, patch_size=16, crops_per_image=24, seed=5)
-    shuffled = random_crops(batch, patch_size=16, crops_per_image=24, seed=5, channel_shuffle=True)
+    shuffled = random_crops(batch, patch_size=16, crops_per_image=24, seed=5, channel_shuffle="all")
     np.testing.assert_allclose(shuffled["noisy"], 1 - shuffled["clean"], atol=1e-6)  # one order for both sides
     orders = [next(order for order in itertools.permutations(range(3))
                    if np.array_equal(shuffled["clean"][i], plain["clean"][i][list(order)])) for i in range(24)]
     assert len(set(orders)) > 3                      # the same crops, in many orders, not one fixed swap
-    again = random_crops(batch, patch_size=16, crops_per_image=24, seed=5, channel_shuffle=True)
+    again = random_crops(batch, patch_size=16, crops_per_image=24, seed=5, channel_shuffle="all")
     np.testing.assert_array_equal(shuffled["clean"], again["clean"])     # a seed fixes the orders too
+
+
+def test_red_blue_shuffle_swaps_red_and_blue_and_never_moves_green():
+    batch = {name: [r[name] for r in _rows(1)] for name in ("key", "clean", "noisy")}
+    plain = random_crops(batch, patch_size=16, crops_per_image=40, seed=5)
+    swapped = random_crops(batch, patch_size=16, crops_per_image=40, seed=5, channel_shuffle="red-blue")
+    np.testing.assert_allclose(swapped["noisy"], 1 - swapped["clean"], atol=1e-6)
+    np.testing.assert_array_equal(swapped["clean"][:, 1], plain["clean"][:, 1])
+    flipped = [bool(np.array_equal(swapped["clean"][i], plain["clean"][i][::-1])) for i in range(40)]
+    kept = [bool(np.array_equal(swapped["clean"][i], plain["clean"][i])) for i in range(40)]
+    assert all(f or k for f, k in zip(flipped, kept)) and 10 <= sum(flipped) <= 30
+
+
+@pytest.mark.parametrize("mode", CHANNEL_SHUFFLES)
+def test_channel_orders_are_permutations(mode):
+    orders = channel_orders(500, mode, np.random.default_rng(0))
+    assert orders.shape == (500, 3)
+    assert (np.sort(orders, axis=1) == np.arange(3)).all()
+    assert len({tuple(o) for o in orders}) == {"none": 1, "red-blue": 2, "all": 6}[mode]
 
 
 def test_mix_crops_splits_an_epoch_by_weight():
