@@ -171,7 +171,7 @@ def channel_orders(count: int, mode: str, rng: np.random.Generator) -> np.ndarra
     probability 1/2 ('red-blue': G, the least noisy channel in every Bayer camera, keeps its
     place), or the identity ('none')."""
     if mode == "all":
-        return np.stack([rng.permutation(3) for _ in range(count)]).reshape(count, 3)
+        return np.array([rng.permutation(3) for _ in range(count)], dtype=np.intp).reshape(count, 3)
     if mode == "red-blue":
         return np.where(rng.random(count)[:, None] < 0.5, [2, 1, 0], [0, 1, 2])
     if mode == "none":

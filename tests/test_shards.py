@@ -100,6 +100,7 @@ def test_channel_orders_are_permutations(mode):
     assert orders.shape == (500, 3)
     assert (np.sort(orders, axis=1) == np.arange(3)).all()
     assert len({tuple(o) for o in orders}) == {"none": 1, "red-blue": 2, "all": 6}[mode]
+    assert channel_orders(0, mode, np.random.default_rng(0)).shape == (0, 3)
 
 
 def test_mix_crops_splits_an_epoch_by_weight():
