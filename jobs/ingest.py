@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     option("name")
     option("val_fraction", help="share of keys hashed to val")
     option("seed", help="split hash and noise seed")
-    for name in ("noise", "variants"):
+    for name in ("noise", "variants", "recolor", "photo_sizes"):
         option(name)
     option("clean_template", help="mirrored: clean file name, e.g. '{key}_mean.JPG'")
     option("noisy_template", help="mirrored: noisy file name, e.g. '{key}_real.JPG'")

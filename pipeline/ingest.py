@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Callable, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import PipelineError, validation_problems
 from pipeline.images import ImageError, encode_png, to_float, to_uint8, to_uint16
@@ -64,6 +64,11 @@ class IngestConfig(BaseModel):
                           "'fresh' stores train photos clean, for new noise on every read, and gives val pairs "
                           "fixed noise; 'test-camera' synthesizes with the held-out test camera")
     variants: int = Field(1, ge=1, description="noisy variants per clean photo")
+    recolor: bool = Field(False, description="noise camera: in train, every variant after the first shows the "
+                                             "photo in new scene colours (saturation, tint), noise added after")
+    photo_sizes: tuple[int, ...] | None = Field(
+        None, description="demo: only: long sides the training photos are stored at, one copy per size "
+                          "(a photo is never upscaled), comma-separated; default 384")
     clean_template: str | None = None
     noisy_template: str | None = None
     min_size: int = Field(64, ge=1, description="shortest side accepted: the training patch size")
@@ -82,8 +87,18 @@ class IngestConfig(BaseModel):
             values = {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}
         return values
 
+    @field_validator("photo_sizes", mode="before")
+    @classmethod
+    def _sizes(cls, value):
+        return tuple(int(v) for v in value.split(",") if v.strip()) if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _consistent(self) -> "IngestConfig":
+        if self.photo_sizes is not None:
+            if self.source != DEMO_SOURCE:
+                raise ValueError("--photo-sizes applies to the demo: source only")
+            if not self.photo_sizes or min(self.photo_sizes) < self.min_size:
+                raise ValueError(f"--photo-sizes needs one or more sizes of at least {self.min_size} (--min-size)")
         if self.source in DEMO_SOURCES and self.layout != "clean":
             raise ValueError("the demo sources are clean photos: use layout 'clean' (the default)")
         if self.source == DEMO_TEST_SOURCE and self.noise != "test-camera":
@@ -94,6 +109,8 @@ class IngestConfig(BaseModel):
             raise ValueError("layout 'clean' has no noisy side: add --noise fresh (or camera)")
         if self.noise is not None and self.layout != "clean":
             raise ValueError("--noise applies to layout 'clean' only (other layouts bring their noisy side)")
+        if self.recolor and self.noise != "camera":
+            raise ValueError("--recolor needs --noise camera")
         if self.variants > 1 and self.noise is None:
             raise ValueError("--variants needs --noise")
         if (self.clean_template or self.noisy_template) and self.layout != "mirrored":
@@ -148,7 +165,7 @@ def pair_rows(pair: Pair, clean: np.ndarray, noisy: np.ndarray | None, *, split:
               config: IngestConfig, source: str) -> list[dict]:
     """Shard rows of one loaded pair; a clean-only photo gives ``variants`` synthesized pairs, or,
     with ``--noise fresh`` in the train split, one row without a noisy side (the reader adds noise)."""
-    from pipeline.noise import synthesize_pair
+    from pipeline.noise import recolor_scene, synthesize_pair
 
     meta = {**pair.meta, "noisy_source": _uri(source, pair.noisy_path), "bit_depth": clean.dtype.itemsize * 8}
     if noisy is not None:
@@ -161,9 +178,14 @@ def pair_rows(pair: Pair, clean: np.ndarray, noisy: np.ndarray | None, *, split:
         for variant in range(config.variants):
             # Seeded by (seed, key, variant): the same photo gets the same noise in any order or shard.
             rng = np.random.default_rng([config.seed, _key_seed(pair.key), variant])
-            target, noisy_float, camera = synthesize_pair(to_float(clean), rng, model=model)
+            scene = to_float(clean)
+            recolored = config.recolor and variant > 0 and split == "train"  # validation keeps real colours
+            if recolored:
+                scene = recolor_scene(scene, np.random.default_rng([config.seed, _key_seed(pair.key), variant, 1]))
+            target, noisy_float, camera = synthesize_pair(scene, rng, model=model)
             sides.append((f"{pair.key}_v{variant}", _quantize_like(target, clean), _quantize_like(noisy_float, clean),
-                          {**meta, "noise": config.noise, "variant": variant, "camera": camera}))
+                          {**meta, "noise": config.noise, "variant": variant, "camera": camera,
+                           **({"recolored": True} if recolored else {})}))
     rows = []
     for key, clean_pixels, noisy_pixels, row_meta in sides:
         clean_png, noisy_png = encode_png(clean_pixels), None if noisy_pixels is None else encode_png(noisy_pixels)
@@ -328,7 +350,7 @@ def _card(config: IngestConfig, results: list[dict], source_pairs: int, rejected
         "seed": config.seed,
         "val_fraction": config.val_fraction,
         "min_size": config.min_size,
-        "noise": {"model": config.noise, "variants": config.variants,
+        "noise": {"model": config.noise, "variants": config.variants, "recolor": config.recolor,
                   "camera": camera_for(config.noise).ranges()} if config.noise else None,
         "counts": {**counts, "total": sum(counts.values()), "source_pairs": source_pairs, "rejected": rejected},
         "sizes": {**sizes, "total": {k: sum(s[k] for s in sizes.values()) for k in ("pixels", "bytes")}},
@@ -349,14 +371,20 @@ def ingest(config: IngestConfig, settings: Settings, *, log: Callable[[str], Non
     """
     if config.source in DEMO_SOURCES:
         with tempfile.TemporaryDirectory(prefix="denoise-demo-") as folder:
-            pairs, extra = write_demo_source(folder, test=config.source == DEMO_TEST_SOURCE, seed=config.seed)
+            pairs, extra = write_demo_source(folder, test=config.source == DEMO_TEST_SOURCE, seed=config.seed,
+                                             sizes=config.photo_sizes)
             return _ingest(config, settings, source=folder, log=log, found=(pairs, []), extra=extra)
     return _ingest(config, settings, source=config.source, log=log)
 
 
-def write_demo_source(folder: str, *, test: bool, seed: int) -> tuple[list[Pair], dict]:
+def write_demo_source(folder: str, *, test: bool, seed: int,
+                      sizes: tuple[int, ...] | None = None) -> tuple[list[Pair], dict]:
     """Write the demo photos and blocks as PNGs under ``folder``; their pairs (splits fixed) and
-    what the card says about them (the photo split, the noise levels, the blocks' noisy PSNR)."""
+    what the card says about them (the photo split and sizes, the noise levels, the blocks' noisy PSNR).
+
+    Each training photo is written once per size in ``sizes``, keyed ``<photo>`` at the default
+    size and ``<photo>_<size>`` at the others; a size that gives a copy already written (the
+    photo is smaller than it) is skipped."""
     from pathlib import Path
 
     from pipeline.demo_data import (PHOTO_SIZE, SHOT_LEVELS, TEST_PHOTOS, TRAIN_PHOTOS, VAL_PHOTOS, demo_image,
@@ -368,9 +396,16 @@ def write_demo_source(folder: str, *, test: bool, seed: int) -> tuple[list[Pair]
     if not test:
         (root / "train").mkdir(parents=True)
         for name in TRAIN_PHOTOS:
-            path = root / "train" / f"{name}.png"
-            path.write_bytes(encode_png(demo_image(name, PHOTO_SIZE)))
-            pairs.append(Pair(name, str(path), None, {"photo": name}, split="train"))
+            shapes = set()
+            for size in sizes or (PHOTO_SIZE,):
+                photo = demo_image(name, size)
+                if photo.shape in shapes:
+                    continue
+                shapes.add(photo.shape)
+                key = name if size == PHOTO_SIZE else f"{name}_{size}"
+                path = root / "train" / f"{key}.png"
+                path.write_bytes(encode_png(photo))
+                pairs.append(Pair(key, str(path), None, {"photo": name, "size": size}, split="train"))
     split = "test" if test else "val"
     blocks = test_blocks(seed=seed) if test else validation_blocks(seed=seed)
     for side in ("clean", "noisy"):
@@ -384,6 +419,7 @@ def write_demo_source(folder: str, *, test: bool, seed: int) -> tuple[list[Pair]
     strata = [(b["meta"]["photo"], b["meta"]["level"]) for b in blocks]
     return pairs, {"demo": {
         "photos": {"train": list(TRAIN_PHOTOS), "val": list(VAL_PHOTOS), "test": list(TEST_PHOTOS)},
+        **({} if test else {"train_photo_sizes": list(sizes or (PHOTO_SIZE,))}),
         "blocks": {"split": split, "side": blocks[0]["clean"].shape[0], "shot_levels": list(SHOT_LEVELS),
                    "camera": camera_for("test-camera" if test else "camera").name,
                    "noisy_psnr": psnr_summary(scores, strata)}}}

@@ -414,6 +414,29 @@ def to_8bit(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+# ---------------------------------------------------------------- scene colours
+
+# Not a camera property: the scene's own colours, widened before the camera sees them, because a
+# few training photos hold few hues and a model ties its denoising to them (docs/evaluation.md,
+# "Colour"). Saturation around the luma axis, and a tint of per-channel gains (log-uniform, scaled
+# so a gray keeps its luma) that turns a neutral or brown scene blue or green. Channel order is
+# never changed.
+SCENE_SATURATION = (0.6, 1.6)
+SCENE_TINT = 0.5  # log-gain bound per channel
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def recolor_scene(rgb: np.ndarray, rng: np.random.Generator, *, saturation: tuple[float, float] = SCENE_SATURATION,
+                  tint: float = SCENE_TINT) -> np.ndarray:
+    """The same scene in other colours (sRGB float in [0, 1]); gray pixels keep their luma."""
+    rgb = np.asarray(rgb, np.float32)
+    luma = (rgb @ LUMA)[..., None]
+    gains = np.exp(rng.uniform(-tint, tint, 3)).astype(np.float32)
+    gains /= gains @ LUMA
+    out = gains * (luma + np.float32(rng.uniform(*saturation)) * (rgb - luma))
+    return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
 def synthesize_pair(rgb: np.ndarray, rng: np.random.Generator, params: dict | None = None, *,
                     model: CameraModel = TRAIN_CAMERA) -> tuple[np.ndarray, np.ndarray, dict]:
     """``(clean target, noisy, camera params)`` that differ by the camera's noise only.

@@ -170,6 +170,28 @@ def test_fresh_noise_keeps_train_photos_clean_and_gives_val_photos_fixed_noise(t
     assert json.loads(pq.read_table(rows["path"]).to_pylist()[0]["meta"])["camera"]["model"] == "test"
 
 
+def test_recolor_gives_train_variants_after_the_first_new_scene_colours_and_leaves_val_alone(tmp_path):
+    write(tmp_path / "src" / "a.png", encode_png(random_rgb(64, 64, seed=3)))
+    pair = Pair("a", str(tmp_path / "src" / "a.png"), None)
+    plain, recolored = (make_config(source=str(tmp_path / "src"), dest=str(tmp_path / name), layout="clean",
+                                    noise="camera", variants=3, recolor=flag)
+                        for name, flag in (("plain", False), ("rc", True)))
+
+    def rows(config, val_fraction):
+        plan = plan_shards([pair], config.model_copy(update={"val_fraction": val_fraction}))[0]
+        return pq.read_table(ingest_shard(plan, config, config.source, Settings())["path"]).to_pylist()
+
+    before, after = rows(plain, 0.0), rows(recolored, 0.0)
+    assert [json.loads(r["meta"]).get("recolored", False) for r in after] == [False, True, True]
+    assert after[0]["clean"] == before[0]["clean"] and after[0]["noisy"] == before[0]["noisy"]
+    means = [decode_image(r["clean"]).reshape(-1, 3).mean(axis=0) for r in (before[1], after[1])]
+    assert np.abs(means[0] - means[1]).max() > 2  # the scene's colours moved
+    assert [r["clean"] for r in rows(recolored, 1.0)] == [r["clean"] for r in rows(plain, 1.0)]
+    with pytest.raises(IngestError, match="--recolor needs --noise camera"):
+        make_config(source=str(tmp_path / "src"), dest=str(tmp_path / "x"), layout="clean", noise="fresh",
+                    recolor=True)
+
+
 def test_demo_sources_split_the_photos_and_measure_their_blocks(tmp_path):
     from pipeline.demo_data import TEST_PHOTOS, TRAIN_PHOTOS, VAL_PHOTOS
     from pipeline.ingest import write_demo_source
@@ -193,6 +215,26 @@ def test_demo_sources_split_the_photos_and_measure_their_blocks(tmp_path):
     assert {p.split for p in test_pairs} == {"test"} and {p.meta["photo"] for p in test_pairs} == set(TEST_PHOTOS)
     assert {p.meta["camera"]["model"] for p in test_pairs} == {"test"}
     assert test_extra["demo"]["blocks"]["camera"] == "test"
+
+
+def test_demo_photo_sizes_store_each_training_photo_once_per_distinct_size(tmp_path):
+    from pipeline.demo_data import PHOTO_SIZE, TRAIN_PHOTOS
+    from pipeline.ingest import write_demo_source
+
+    pairs, extra = write_demo_source(str(tmp_path / "demo"), test=False, seed=0, sizes=(PHOTO_SIZE, 512))
+    train = {p.key: p for p in pairs if p.split == "train"}
+    assert set(TRAIN_PHOTOS) <= train.keys() and extra["demo"]["train_photo_sizes"] == [PHOTO_SIZE, 512]
+    for name in TRAIN_PHOTOS:
+        small = Image.open(train[name].clean_path).size
+        assert max(small) == PHOTO_SIZE
+        if f"{name}_512" in train:  # a photo no larger than 384 px has one copy only
+            assert max(Image.open(train[f"{name}_512"].clean_path).size) > PHOTO_SIZE
+            assert train[f"{name}_512"].meta == {"photo": name, "size": 512}
+    assert len(train) > len(TRAIN_PHOTOS)
+    assert make_config(source="demo:", dest=str(tmp_path / "o"), photo_sizes="384, 512").photo_sizes == (384, 512)
+    for bad in ({"source": "demo:", "photo_sizes": "32"}, {"source": "demo-test:", "photo_sizes": "512"}):
+        with pytest.raises(IngestError, match="photo-sizes"):
+            make_config(dest=str(tmp_path / "o"), **bad)
 
 
 # ---------------------------------------------------------------- end to end on the stack

@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from pipeline.noise import (
     CAMERA_MODELS,
     DEMOSAIC_METHODS,
+    LUMA,
+    SCENE_TINT,
     TEST_CAMERA,
     TRAIN_CAMERA,
     add_raw_noise,
@@ -20,6 +22,7 @@ from pipeline.noise import (
     heavy_tailed,
     mosaic,
     process,
+    recolor_scene,
     sample_camera,
     synthesize,
     synthesize_pair,
@@ -215,3 +218,29 @@ def test_model_ranges_are_plain_data_for_the_card():
     assert ranges["shot"] == list(TRAIN_CAMERA.shot) and ranges["demosaic"] == ["bilinear", "malvar"]
     params = json.loads(json.dumps(sample_camera(np.random.default_rng(0))))
     assert set(params) >= {"shot_noise", "read_noise", "demosaic", "jpeg_quality", "rgb_to_camera"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=seeds)
+def test_recolored_scenes_are_in_range_repeat_with_the_seed_and_tint_a_gray_evenly(seed):
+    rgb = smooth_image()
+    out = recolor_scene(rgb, np.random.default_rng(seed))
+    assert out.dtype == np.float32 and out.shape == rgb.shape and 0.0 <= out.min() and out.max() <= 1.0
+    np.testing.assert_array_equal(out, recolor_scene(rgb, np.random.default_rng(seed)))
+    # A gray scene (mid-tones: no clipping) gets one tint everywhere: the same per-channel gains at
+    # every pixel, their log-ratios within the bound, and its luma unchanged.
+    gray = np.repeat(rgb[:, :, 1:2] * 0.5, 3, axis=2)  # <= 0.3: no gain of the bound clips it
+    tinted = recolor_scene(gray, np.random.default_rng(seed))
+    ratio = (tinted / gray).reshape(-1, 3)
+    assert np.ptp(ratio, axis=0).max() < 1e-5
+    assert np.ptp(np.log(ratio[0])) <= 2 * SCENE_TINT + 1e-5
+    np.testing.assert_allclose(tinted @ LUMA, gray @ LUMA, atol=1e-5)
+
+
+def test_recoloring_without_change_is_the_identity_and_leaves_its_input_alone():
+    rgb = smooth_image()
+    copy = rgb.copy()
+    same = recolor_scene(rgb, np.random.default_rng(0), saturation=(1.0, 1.0), tint=0.0)
+    np.testing.assert_allclose(same, rgb, atol=1e-6)
+    recolor_scene(rgb, np.random.default_rng(0))
+    np.testing.assert_array_equal(rgb, copy)
