@@ -72,8 +72,8 @@ class EvalConfig(BaseModel):
     local: bool = Field(False, description="run in this process without Ray (quick checks)")
     actors: int = Field(2, ge=1, description="model actors on Ray")
     gpu: bool = Field(False, description="one GPU per model actor")
-    self_ensemble: bool = Field(False, description="run every sampler on the 8 flips and quarter turns of each "
-                                                   "image and average them (8x the model calls)")
+    self_ensemble: bool = Field(False, description="average every model call of the samplers over the 8 flips "
+                                                   "and quarter turns of the image (8x the model calls)")
 
     @field_validator("methods")
     @classmethod
@@ -402,7 +402,7 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
         "evaluated pairs hash": selection.pairs_hash,
         "model": (f"{config.model} (name {denoiser.name}, version {denoiser.version}, T = {denoiser.T})"
                   if denoiser else "not used"),
-        "samplers": ("each on the 8 flips and quarter turns of the image, averaged (self-ensemble)"
+        "samplers": ("each model call averaged over the 8 flips and quarter turns of the image (self-ensemble)"
                      if config.self_ensemble else "one pass per image"),
         "timing": ("this process" if config.local else f"Ray workers ({TASK_CPUS} CPU per task, {ACTOR_CPUS} CPU per "
                    f"model actor{', GPU' if config.gpu else ''})") + "; compare speeds within one report only",

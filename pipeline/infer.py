@@ -75,8 +75,8 @@ class DenoiseConfig(BaseModel):
                                                     "REF/<archive>/<member>), for PSNR/SSIM")
     sampler: Literal[tuple(SAMPLERS)] = Field("improved", description="sampler of pipeline/diffusion.py")  # type: ignore[valid-type]
     steps: int = Field(DEFAULT_STEPS, ge=1, description="sampling steps K (at most the model's T; direct makes one call)")
-    self_ensemble: bool = Field(False, description="denoise each tile in its 8 flips and quarter turns and average "
-                                                   "them: better images for 8x the model calls")
+    self_ensemble: bool = Field(False, description="average every model call over the tile's 8 flips and quarter "
+                                                   "turns: better images for 8x the model calls")
     tile: int = Field(512, ge=32, description="tile side for larger images")
     overlap: int = Field(32, ge=0, description="pixels shared by neighbouring tiles")
     batch_size: int = Field(4, ge=1, description="tiles per model call")

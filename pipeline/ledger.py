@@ -95,8 +95,9 @@ def _tag(*parts) -> str:
 
 def recipe_tag(*, model_uri: str, model_version: str, sampler: str, steps: int, self_ensemble: bool = False) -> str:
     """What a done item depends on besides its bytes: the model and how it was sampled.
-    (``self_ensemble`` enters only when on, so the tags of earlier runs stay valid.)"""
-    return _tag(model_uri, model_version, sampler, steps, *(["self-ensemble"] if self_ensemble else []))
+    (``self_ensemble`` enters only when on, so the tags of earlier runs stay valid; its token names the
+    per-call ensemble, so outputs of the earlier mean of whole sampler runs are redone.)"""
+    return _tag(model_uri, model_version, sampler, steps, *(["self-ensemble-each-call"] if self_ensemble else []))
 
 
 def limits_tag(*, max_megapixels: float, max_image_mb: float) -> str:

@@ -48,7 +48,7 @@ class Denoiser:
 
         The one place where jobs turn a photo into a model output, so the batch job and the
         evaluation score exactly the same computation. ``steps`` (K) must be in 1..T. ``self_ensemble``
-        runs each tile in its 8 flips and quarter turns and averages them (8x the model calls).
+        runs every model call on the tile's 8 flips and quarter turns and averages them (8x the calls).
         """
         import numpy as np
 
@@ -57,12 +57,15 @@ class Denoiser:
         device = next(self.model.parameters()).device
         pixels = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().to(device)
 
+        # Ensembling each model call, not whole sampler runs, lets every step go on from the
+        # averaged prediction (docs/method.md "Self-ensemble").
+        model = geometric_self_ensemble(self.model) if self_ensemble else self.model
+
         def run(tiles: torch.Tensor) -> torch.Tensor:
-            return sample(self.model, tiles, T=self.T, steps=steps, sampler=sampler)
+            return sample(model, tiles, T=self.T, steps=steps, sampler=sampler)
 
         with torch.inference_mode():
-            fn = geometric_self_ensemble(run) if self_ensemble else run
-            out = denoise_tiled(fn, pixels, tile=tile, overlap=overlap, batch=batch)
+            out = denoise_tiled(run, pixels, tile=tile, overlap=overlap, batch=batch)
         return out.clamp(0, 1).cpu().numpy().transpose(1, 2, 0)
 
 

@@ -48,17 +48,18 @@ def _blend_window(size: int, ramp: int, at_start: bool, at_end: bool) -> torch.T
     return w
 
 
-def geometric_self_ensemble(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+def geometric_self_ensemble(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """``fn`` averaged over the 8 flips and quarter turns of the image plane (each undone on its
     output): a denoiser's errors that do not turn with the image partly cancel, for 8x the
-    calls. Equals ``fn`` for an ``fn`` that commutes with them (docs/method.md)."""
+    calls. Equals ``fn`` for an ``fn`` that commutes with them (docs/method.md). Arguments after
+    the image (a model's time) are passed to every call unchanged."""
 
-    def averaged(x: torch.Tensor) -> torch.Tensor:
+    def averaged(x: torch.Tensor, *args) -> torch.Tensor:
         total = None
         for flip in (False, True):
             flipped = x.flip(-1) if flip else x
             for turns in range(4):
-                out = torch.rot90(fn(torch.rot90(flipped, turns, dims=(-2, -1))), -turns, dims=(-2, -1))
+                out = torch.rot90(fn(torch.rot90(flipped, turns, dims=(-2, -1)), *args), -turns, dims=(-2, -1))
                 out = out.flip(-1) if flip else out
                 total = out.float() if total is None else total + out.float()
         return (total / 8).to(x.dtype)

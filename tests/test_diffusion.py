@@ -293,6 +293,33 @@ def test_self_ensemble_calls_the_function_eight_times_on_turned_shapes():
     assert sorted(shapes) == [(5, 7)] * 4 + [(7, 5)] * 4
 
 
+
+def test_self_ensemble_of_a_model_passes_time_to_every_view_and_feeds_each_step():
+    torch.manual_seed(0)
+    y = torch.rand(1, 3, 6, 8)
+    times = []
+
+    def model(x, t):  # not turn-invariant (a shift right), and its time must arrive unchanged
+        times.append(float(t[0]))
+        return torch.roll(x, 1, dims=-1) * (1 - 0.1 * t.view(-1, 1, 1, 1))
+
+    ensembled = geometric_self_ensemble(model)
+    for t in (0.25, 1.0):
+        x = torch.rand(1, 3, 6, 8)
+        neighbours = sum(torch.roll(x, s, dims=d) for d in (-2, -1) for s in (1, -1)) / 4
+        assert torch.allclose(ensembled(x, torch.tensor([t])), neighbours * (1 - 0.1 * t), atol=1e-6)
+    assert times == [0.25] * 8 + [1.0] * 8
+    # In a sampler, each step continues from the averaged prediction: K = 2 with an ensembled
+    # model is not the mean of 8 ensembled K = 2 runs, while K = 1 is.
+    per_call = sample(ensembled, y, T=10, steps=2, sampler="origin")
+    per_run = geometric_self_ensemble(lambda b: sample(model, b, T=10, steps=2, sampler="origin"))(y)
+    assert not torch.allclose(per_call, per_run, atol=1e-4)
+    step1 = ensembled(y, torch.tensor([1.0]))
+    expected = ensembled(degrade(step1, y, 5, T=10), torch.tensor([0.5]))
+    assert torch.allclose(per_call, expected, atol=1e-6)
+    direct = geometric_self_ensemble(lambda b: sample(model, b, T=10, steps=1, sampler="direct"))(y)
+    assert torch.allclose(sample(ensembled, y, T=10, steps=1, sampler="direct"), direct, atol=1e-6)
+
 def test_image_smaller_than_a_tile_is_one_call():
     calls = []
     image = torch.rand(3, 20, 30)
