@@ -68,6 +68,7 @@ class ModelSection(Section):
     channel_attention: Literal[CHANNEL_ATTENTION] | None = Field(  # type: ignore[valid-type]
         None, description="naf blocks: override the channel attention ('linear' or bounded 'sigmoid')")
     output_norm: bool | None = Field(None, description="override the LayerNorm before the last conv")
+    mid_blocks: int | None = Field(None, ge=2, description="override the number of blocks at the lowest resolution")
 
     def unet_config(self) -> ModelConfig:
         overrides = {name: value for name, value in self.model_dump(exclude={"preset"}).items() if value is not None}
@@ -77,7 +78,7 @@ class ModelSection(Section):
 
 class DiffusionConfig(Section):
     T: int = Field(1000, ge=1, description="number of interpolation steps between clean and noisy")
-    loss: Literal["charbonnier", "l1", "l2"] = "charbonnier"
+    loss: Literal["charbonnier", "l1", "l2", "psnr"] = "charbonnier"
     time_mass_at_T: float = Field(0.0, ge=0, le=1, description="share of training times drawn at t = T, where "
                                   "every sampler makes its first call; the rest uniform on 1..T")
 

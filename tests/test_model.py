@@ -237,3 +237,23 @@ def test_naf_output_far_from_a_change_ignores_it():
         a, b = model(x, 0.5), model(changed, 0.5)
     assert torch.allclose(a[..., :24], b[..., :24])
     assert not torch.allclose(a[..., 80:], b[..., 80:])
+
+
+def test_extra_mid_blocks_run_at_the_lowest_level_and_old_checkpoints_still_load():
+    old = {"width": 8, "channel_mults": [1, 2], "block": "naf", "output_norm": False}
+    config = ModelConfig.from_dict(old)
+    assert config.mid_blocks == 2
+    two = UNet(config)
+    assert not any(key.startswith("mid_more") for key in two.state_dict())  # old state dicts load as they are
+    four = UNet(ModelConfig.from_dict({**old, "mid_blocks": 4}))
+    assert len(four.mid_more) == 2 and all(b.conv2.out_channels == 16 for b in four.mid_more)
+    four.load_state_dict({**four.state_dict(), **two.state_dict()})
+    randomise_output(four)
+    x = torch.rand(1, 3, 16, 16)
+    before = four(x, torch.tensor([1.0]))
+    with torch.no_grad():
+        for p in four.mid_more.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert not torch.allclose(before, four(x, torch.tensor([1.0])))  # the extra blocks are on the path
+    with pytest.raises(ValueError, match="mid_blocks"):
+        ModelConfig(mid_blocks=1)
