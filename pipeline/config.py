@@ -78,7 +78,7 @@ class ModelSection(Section):
 
 class DiffusionConfig(Section):
     T: int = Field(1000, ge=1, description="number of interpolation steps between clean and noisy")
-    loss: Literal["charbonnier", "l1", "l2", "psnr"] = "charbonnier"
+    loss: Literal["charbonnier", "l1", "l2"] = "charbonnier"
     time_mass_at_T: float = Field(0.0, ge=0, le=1, description="share of training times drawn at t = T, where "
                                   "every sampler makes its first call; the rest uniform on 1..T")
 

@@ -41,7 +41,6 @@ import torch.nn.functional as F
 
 __all__ = [
     "DEFAULT_STEPS",
-    "PSNR_LOSS_FLOOR",
     "SAMPLERS",
     "Denoiser",
     "check_steps",
@@ -119,30 +118,17 @@ def time_weights(T: int, *, at_T: float = 0.0) -> torch.Tensor | None:
     return weights
 
 
-#: The ``psnr`` loss's floor on each example's MSE: one 8-bit level, (1/255)^2. Errors below it
-#: are quantisation; without a floor the nearly clean inputs at small t would get the most weight.
-PSNR_LOSS_FLOOR = (1 / 255) ** 2
-
-
 def reconstruction_loss(
     pred: torch.Tensor, target: torch.Tensor, kind: str = "charbonnier", eps: float = 1e-3
 ) -> torch.Tensor:
-    """Mean Charbonnier sqrt((x - y)^2 + eps^2) (a smooth L1), plain L1 / L2, or ``psnr``.
-
-    ``psnr`` is minus the mean PSNR (dB) of the examples, each MSE floored at
-    :data:`PSNR_LOSS_FLOOR` (NAFNet's PSNR loss): it weighs each example by
-    1 / its MSE, as a mean PSNR over blocks does, where L2 lets the noisiest examples dominate.
-    """
+    """Mean Charbonnier sqrt((x - y)^2 + eps^2) (a smooth L1), or plain L1 / L2."""
     if kind == "charbonnier":
         return torch.sqrt((pred - target) ** 2 + eps**2).mean()
     if kind == "l1":
         return F.l1_loss(pred, target)
     if kind == "l2":
         return F.mse_loss(pred, target)
-    if kind == "psnr":
-        mse = (pred - target).square().flatten(1).mean(dim=1)
-        return 10 * torch.log10(mse + PSNR_LOSS_FLOOR).mean()
-    raise ValueError(f"unknown loss kind {kind!r}; choose charbonnier, l1, l2 or psnr")
+    raise ValueError(f"unknown loss kind {kind!r}; choose charbonnier, l1 or l2")
 
 
 def training_loss(
