@@ -43,7 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.demo_data import TEST_PHOTOS, TRAIN_PHOTOS, VAL_PHOTOS, demo_image, noise_blocks  # noqa: E402
+from pipeline.demo_data import (TEST_PHOTOS, TRAIN_PHOTOS, VAL_PHOTOS, dead_leaves, demo_image,  # noqa: E402
+                                noise_blocks)
 from pipeline.diffusion import sample, time_weights, training_loss  # noqa: E402
 from pipeline.images import to_float  # noqa: E402
 from pipeline.metrics import psnr  # noqa: E402
@@ -93,34 +94,6 @@ def recolor(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 
-def dead_leaves(rng: np.random.Generator, size: int = 384) -> np.ndarray:
-    """A procedural clean image: overlapping disks of random colour (power-law radii), each
-    with a soft shading gradient, front to back until the plane is covered; flat regions and
-    sharp edges in every colour, which the few training photos lack."""
-    out = np.zeros((size, size, 3), np.float32)
-    free = np.ones((size, size), bool)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    for _ in range(3000):
-        radius = min(size / 2, 4.0 * rng.uniform(1e-3, 1.0) ** (-1 / 2))
-        cy, cx = rng.uniform(-radius, size + radius, 2)
-        y0, y1 = int(max(0, cy - radius)), int(min(size, cy + radius + 1))
-        x0, x1 = int(max(0, cx - radius)), int(min(size, cx + radius + 1))
-        if y0 >= y1 or x0 >= x1:
-            continue
-        inside = ((yy[y0:y1, x0:x1] - cy) ** 2 + (xx[y0:y1, x0:x1] - cx) ** 2 <= radius**2) & free[y0:y1, x0:x1]
-        if not inside.any():
-            continue
-        colour = rng.uniform(0, 1, 3).astype(np.float32) ** rng.uniform(0.5, 2.0)
-        slope = rng.normal(0, 0.3 / max(radius, 1.0), 2).astype(np.float32)
-        shade = 1 + slope[0] * (yy[y0:y1, x0:x1] - cy) + slope[1] * (xx[y0:y1, x0:x1] - cx)
-        out[y0:y1, x0:x1][inside] = (colour[None, :] * shade[inside][:, None])
-        free[y0:y1, x0:x1][inside] = False
-        if not free.any():
-            break
-    from scipy.ndimage import gaussian_filter
-    return np.clip(gaussian_filter(out, (0.7, 0.7, 0)), 0, 1).astype(np.float32)
-
-
 def eval_blocks(photos: tuple[str, ...], *, camera, blocks: int = 8) -> list[tuple]:
     """(clean, noisy) float blocks: ``blocks`` 64x64 tiles per photo and noise level."""
     return [(to_float(b["clean"]), to_float(b["noisy"]), b["meta"]["photo"])
@@ -141,7 +114,8 @@ class Pool:
         self.pairs = [] if fresh else [self._draw(i) for i in range(len(self.photos)) for _ in range(draws)]
 
     def _draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        photo = dead_leaves(self.rng) if self.photos[index] is None else self.photos[index]  # a new one each draw
+        photo = (dead_leaves(self.rng, min_radius=4.0, exponent=2.0, shading=0.3, max_disks=3000)  # a new one each draw
+                 if self.photos[index] is None else self.photos[index])
         photo = recolor(photo, self.rng) if self.recolor else photo
         clean, noisy, _ = synthesize_pair(photo, self.rng)
         return (torch.from_numpy(clean).permute(2, 0, 1).contiguous(),

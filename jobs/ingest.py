@@ -3,12 +3,14 @@
     python jobs/ingest.py SOURCE DEST --layout {sidd,sidd-mat,mirrored,manifest,clean} [options]
     python jobs/ingest.py demo: s3://denoise/datasets/demo --overwrite
     python jobs/ingest.py demo-test: s3://denoise/datasets/demo-test --overwrite
+    python jobs/ingest.py leaves: s3://denoise/datasets/leaves --overwrite
 
 SOURCE is a local folder or an s3:// prefix ('demo:' = scikit-image's training photos, kept
 clean for fresh noise, plus validation blocks with camera noise; 'demo-test:' = the test
-blocks, other photos and a held-out camera, in split test); DEST is an s3:// prefix or a local
-folder. Writes DEST/<split>/part-*.parquet, DEST/quarantine.json (what was rejected
-and why) and, last, DEST/dataset.json. Exit status 2 when no valid pair is left, or when
+blocks, other photos and a held-out camera, in split test; 'leaves:' = 24 procedural
+dead-leaves images with camera noise, all in train, to mix into training with data.synthetic);
+DEST is an s3:// prefix or a local folder. Writes DEST/<split>/part-*.parquet,
+DEST/quarantine.json (what was rejected and why) and, last, DEST/dataset.json. Exit status 2 when no valid pair is left, or when
 --strict is given and anything was rejected. See docs/ingest.md.
 """
 

@@ -37,6 +37,8 @@ PHOTO_SIZE = 384  # long side the photos are downscaled to
 SHOT_LEVELS = (5e-4, 2e-3, 8e-3)
 VAL_BLOCK, VAL_BLOCKS = 64, 24    # side, and blocks per (photo, level)
 TEST_BLOCK, TEST_BLOCKS, TEST_PHOTO_SIZE = 64, 32, 512
+LEAVES_IMAGES = 24  # procedural dead-leaves images of the leaves: source, every second one gray
+LEAVES_SEED = 7  # their content is fixed, like the bundled photos'; ingest --seed draws only the noise
 
 
 def demo_image(name: str, size: int | None = None) -> np.ndarray:
@@ -166,3 +168,56 @@ def write_demo_tree(
             (folder / f"{name}.png").write_bytes(encode_png(demo_image(name, size)))
         return list(names)
     raise ValueError(f"demo layout must be 'mirrored' or 'clean', got {layout!r}")
+
+
+def dead_leaves(rng: np.random.Generator, size: int = PHOTO_SIZE, *, min_radius: float = 8.0,
+                exponent: float = 1.5, shading: float = 0.5, max_disks: int = 5000) -> np.ndarray:
+    """A procedural clean image, H x W x 3 float32 in [0, 1]: the dead-leaves model.
+
+    Disks of random colour fall front to back until the plane is covered; radii follow a power
+    law, ``P(r > x) = (min_radius / x) ** exponent`` (capped at half the side), and each disk is
+    shaded by a random linear ramp (``shading`` is its largest change across a radius, as a
+    fraction). Large flat or smoothly shaded regions and sharp edges in every colour and
+    brightness: what a few training photos lack (a dark blue sky, docs/evaluation.md). Scenes of
+    this kind train denoisers close to natural photos (Achddou et al., "Synthetic images as a
+    regularity prior for image restoration neural networks", 2021). Draws from ``rng`` in a
+    fixed order, so a seed gives the same image.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    out = np.zeros((size, size, 3), np.float32)
+    free = np.ones((size, size), bool)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    for _ in range(max_disks):
+        radius = min(size / 2, min_radius * rng.uniform(1e-3, 1.0) ** (-1 / exponent))
+        cy, cx = rng.uniform(-radius, size + radius, 2)
+        y0, y1 = int(max(0, cy - radius)), int(min(size, cy + radius + 1))
+        x0, x1 = int(max(0, cx - radius)), int(min(size, cx + radius + 1))
+        if y0 >= y1 or x0 >= x1:
+            continue
+        dy, dx = yy[y0:y1, x0:x1] - cy, xx[y0:y1, x0:x1] - cx
+        inside = (dy**2 + dx**2 <= radius**2) & free[y0:y1, x0:x1]
+        if not inside.any():
+            continue
+        colour = rng.uniform(0, 1, 3).astype(np.float32) ** rng.uniform(0.5, 2.0)
+        slope = rng.normal(0, shading / max(radius, 1.0), 2).astype(np.float32)
+        shade = 1 + slope[0] * dy + slope[1] * dx
+        out[y0:y1, x0:x1][inside] = colour[None, :] * shade[inside][:, None]
+        free[y0:y1, x0:x1][inside] = False
+        if not free.any():
+            break
+    return np.clip(gaussian_filter(out, (0.7, 0.7, 0)), 0, 1).astype(np.float32)  # edges as a lens softens them
+
+
+def leaves_images(*, seed: int = LEAVES_SEED, count: int = LEAVES_IMAGES,
+                  size: int = PHOTO_SIZE) -> list[tuple[str, np.ndarray]]:
+    """``(key, uint8 image)`` of the leaves: source. Every second image is made gray (its luma),
+    so colour scenes do not outweigh the gray photos a model also meets. Each image has its own
+    generator, so ``count`` does not change the images before it."""
+    images = []
+    for index in range(count):
+        image = dead_leaves(np.random.default_rng([seed, index]), size)
+        if index % 2:
+            image = np.repeat(image @ np.array([0.299, 0.587, 0.114], np.float32), 3).reshape(image.shape)
+        images.append((f"leaves_{index:02d}", to_uint8(image)))
+    return images

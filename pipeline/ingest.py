@@ -36,8 +36,10 @@ from pipeline.version import code_version
 
 DEMO_SOURCE = "demo:"  # scikit-image's training photos (train) + the validation blocks (val)
 DEMO_TEST_SOURCE = "demo-test:"  # the test blocks: test photos, the held-out test camera (split test)
-DEMO_SOURCES = (DEMO_SOURCE, DEMO_TEST_SOURCE)
+LEAVES_SOURCE = "leaves:"  # procedural dead-leaves images (train only), to mix into training (data.synthetic)
+DEMO_SOURCES = (DEMO_SOURCE, DEMO_TEST_SOURCE, LEAVES_SOURCE)  # built in: nothing to download
 DEMO_VARIANTS = 2  # noisy variants per demo training photo with --noise camera
+LEAVES_VARIANTS = 4  # and per leaves: image
 # One demo training photo per shard, so the reader's tasks spread over the cluster; the small
 # validation and test blocks go 64 to a shard.
 DEMO_PHOTOS_PER_SHARD, DEMO_BLOCKS_PER_SHARD = 1, 64
@@ -53,7 +55,8 @@ class IngestConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: str = Field(description="local folder or s3:// prefix ('demo:' / 'demo-test:': the bundled photos)")
+    source: str = Field(description="local folder or s3:// prefix ('demo:' / 'demo-test:': the bundled photos; "
+                                    "'leaves:': procedural dead-leaves images)")
     dest: str = Field(description="s3:// prefix (or local folder) that receives the dataset")
     layout: Literal[LAYOUTS]  # type: ignore[valid-type]
     name: str | None = Field(None, description="dataset name; default: the last part of dest")
@@ -81,9 +84,12 @@ class IngestConfig(BaseModel):
     @classmethod
     def _demo_defaults(cls, values: dict) -> dict:
         if isinstance(values, dict) and values.get("source") in DEMO_SOURCES:
-            noise = values.get("noise") or ("fresh" if values["source"] == DEMO_SOURCE else "test-camera")
-            defaults = {"layout": "clean", "noise": noise, "pairs_per_shard": DEMO_PHOTOS_PER_SHARD,
-                        **({"variants": DEMO_VARIANTS} if noise == "camera" else {})}
+            source = values["source"]
+            noise = values.get("noise") or {DEMO_SOURCE: "fresh", LEAVES_SOURCE: "camera"}.get(source, "test-camera")
+            variants = LEAVES_VARIANTS if source == LEAVES_SOURCE else DEMO_VARIANTS
+            defaults = {"layout": "clean", "noise": noise, **({"variants": variants} if noise == "camera" else {}),
+                        # one demo photo per reader task; the leaves: images are many and small
+                        **({} if source == LEAVES_SOURCE else {"pairs_per_shard": DEMO_PHOTOS_PER_SHARD})}
             values = {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}
         return values
 
@@ -103,8 +109,8 @@ class IngestConfig(BaseModel):
             raise ValueError("the demo sources are clean photos: use layout 'clean' (the default)")
         if self.source == DEMO_TEST_SOURCE and self.noise != "test-camera":
             raise ValueError("the demo test set is made with the held-out camera: --noise test-camera (the default)")
-        if self.source == DEMO_SOURCE and self.noise == "test-camera":
-            raise ValueError("the demo training set never uses the test camera: --noise fresh or camera")
+        if self.source in (DEMO_SOURCE, LEAVES_SOURCE) and self.noise == "test-camera":
+            raise ValueError(f"the {self.source} training set never uses the test camera: --noise fresh or camera")
         if self.layout == "clean" and self.noise is None:
             raise ValueError("layout 'clean' has no noisy side: add --noise fresh (or camera)")
         if self.noise is not None and self.layout != "clean":
@@ -371,10 +377,32 @@ def ingest(config: IngestConfig, settings: Settings, *, log: Callable[[str], Non
     """
     if config.source in DEMO_SOURCES:
         with tempfile.TemporaryDirectory(prefix="denoise-demo-") as folder:
-            pairs, extra = write_demo_source(folder, test=config.source == DEMO_TEST_SOURCE, seed=config.seed,
-                                             sizes=config.photo_sizes)
+            if config.source == LEAVES_SOURCE:
+                pairs, extra = write_leaves_source(folder)
+            else:
+                pairs, extra = write_demo_source(folder, test=config.source == DEMO_TEST_SOURCE, seed=config.seed,
+                                                 sizes=config.photo_sizes)
             return _ingest(config, settings, source=folder, log=log, found=(pairs, []), extra=extra)
     return _ingest(config, settings, source=config.source, log=log)
+
+
+def write_leaves_source(folder: str) -> tuple[list[Pair], dict]:
+    """Write the dead-leaves images (:func:`pipeline.demo_data.leaves_images`) as PNGs under
+    ``folder``; their pairs (all train: they are for mixing into training, never for judging) and
+    what the card says about them."""
+    from pathlib import Path
+
+    from pipeline.demo_data import LEAVES_SEED, PHOTO_SIZE, leaves_images
+
+    root = Path(folder) / "train"
+    root.mkdir(parents=True)
+    pairs = []
+    for index, (key, image) in enumerate(leaves_images()):
+        path = root / f"{key}.png"
+        path.write_bytes(encode_png(image))
+        pairs.append(Pair(key, str(path), None, {"gray": bool(index % 2)}, split="train"))
+    return pairs, {"leaves": {"images": len(pairs), "gray": sum(p.meta["gray"] for p in pairs), "size": PHOTO_SIZE,
+                              "seed": LEAVES_SEED, "generator": "pipeline.demo_data.dead_leaves"}}
 
 
 def write_demo_source(folder: str, *, test: bool, seed: int,
@@ -477,7 +505,7 @@ def _ingest(config: IngestConfig, settings: Settings, *, source: str, log: Calla
     log(f"dataset {config.dest}: {join(config.dest, 'train')}/ ({len(card['files']['train'])} shards), "
         f"{join(config.dest, 'val')}/ ({len(card['files']['val'])} shards), card {join(config.dest, CARD)}, "
         f"dataset_hash {card['dataset_hash'][:16]}")
-    if counts["val"] == 0 and counts["test"] == 0 and config.val_fraction > 0:
+    if counts["val"] == 0 and counts["test"] == 0 and config.val_fraction > 0 and config.source != LEAVES_SOURCE:
         log(f"warning: no pair landed in val (val_fraction {config.val_fraction}); training needs some: "
             f"raise --val-fraction or change --seed")
     return card

@@ -463,3 +463,20 @@ def test_no_valid_pair_is_an_error_and_writes_no_dataset(tmp_path, settings, s3_
     assert [i["reason"] for i in quarantine["rejected"]] == ["clean: zero-byte file"]
     with pytest.raises(DatasetError):
         read_card(f"{s3_prefix}/bad", settings)
+
+
+def test_leaves_source_is_train_only_with_camera_noise_by_default(tmp_path):
+    from pipeline.demo_data import LEAVES_IMAGES
+    from pipeline.ingest import write_leaves_source
+
+    config = make_config(source="leaves:", dest=str(tmp_path / "out"))
+    assert (config.layout, config.noise, config.variants, config.pairs_per_shard) == ("clean", "camera", 4, 8)
+    assert make_config(source="leaves:", dest=str(tmp_path / "o"), noise="fresh").noise == "fresh"
+    with pytest.raises(IngestError, match="never uses the test camera"):
+        make_config(source="leaves:", dest=str(tmp_path / "o"), noise="test-camera")
+    pairs, extra = write_leaves_source(str(tmp_path / "leaves"))
+    assert len(pairs) == LEAVES_IMAGES and {p.split for p in pairs} == {"train"}
+    assert all(p.noisy_path is None for p in pairs)
+    assert sum(p.meta["gray"] for p in pairs) == extra["leaves"]["gray"] == LEAVES_IMAGES // 2
+    assert Image.open(pairs[0].clean_path).size == (extra["leaves"]["size"],) * 2
+    assert len(plan_shards(pairs, config)) == -(-LEAVES_IMAGES // 8)

@@ -26,7 +26,7 @@ def write(tmp_path, text: str) -> Path:
 MINIMAL = "dataset: s3://denoise/datasets/x\ntrain: {steps: 10}\n"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "sidd.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "cpu.yaml", "sidd.yaml"])
 def test_shipped_configs_validate(name):
     config = load_config(ROOT / "configs" / name)
     assert config.train.steps and config.checkpoint.every_steps % config.validation.every_steps == 0
