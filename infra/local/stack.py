@@ -1,6 +1,12 @@
-"""The local stack: SeaweedFS (S3), an MLflow server and a Ray head node on this machine.
+"""The local stack: SeaweedFS (S3), an MLflow server and a Ray cluster on this machine.
 
-    python infra/local/stack.py up|down|status|env [--show-secrets]
+    python infra/local/stack.py up [--workers N] [COMPONENT ...] | down | status | env [--show-secrets]
+                                 | kill-node INDEX
+
+The Ray cluster is a head node that offers no CPU to tasks (as KubeRay heads usually run) and N
+worker nodes (``--workers``, ``DENOISE_RAY_WORKERS``, default 2), each its own raylet on its own
+loopback address (127.0.0.2, .3, ...) with a private ``/tmp`` and working directory (a mount
+namespace), so a file the driver writes to its disk is not there for tasks, as on a real cluster.
 
 Every port comes from an environment variable (defaults below). Data, logs, PID files,
 generated keys and the Ray token live under ``.local/`` (``DENOISE_LOCAL_DIR``): directories
@@ -16,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -56,7 +63,15 @@ PORTS = {
 # SeaweedFS puts each gRPC listener at its HTTP port + 10000; check those too.
 GRPC_OFFSET = 10000
 BUCKET = os.environ.get("DENOISE_BUCKET", "denoise")
-RAY_CPUS = int(os.environ.get("DENOISE_RAY_CPUS", os.cpu_count() or 2))
+RAY_WORKERS = int(os.environ.get("DENOISE_RAY_WORKERS", 2))
+# Worker node i gets the ports WORKER_PORTS + 200 * i and up: its raylet, object manager, agents, workers.
+WORKER_PORTS = port("DENOISE_RAY_WORKER_PORTS", 21000)
+WORKER_PORT_SPAN = 200
+
+
+def worker_cpus(workers: int) -> int:
+    """CPUs each worker node offers: the machine's cores shared out (``DENOISE_RAY_CPUS`` overrides)."""
+    return int(os.environ.get("DENOISE_RAY_CPUS") or max(1, (os.cpu_count() or 2) // max(1, workers)))
 
 
 class StackError(Exception):
@@ -342,7 +357,8 @@ class MLflowServer(Component):
 
 class RayHead(Component):
     """`ray start --head` daemonizes into the session the stack gave it; stopping ends that session's
-    processes only, so other Ray clusters on the machine keep running. Token auth stays on."""
+    processes only, so other Ray clusters on the machine keep running. Token auth stays on. The head
+    offers no CPU, so every task and actor lands on a worker node."""
 
     def __init__(self):
         p = PORTS
@@ -351,20 +367,17 @@ class RayHead(Component):
                           "Ray dashboard": f"http://{HOST}:{p['ray_dashboard']}"})
 
     def healthy(self, env) -> bool:
-        token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-        return http_ok(f"http://{HOST}:{PORTS['ray_dashboard']}/api/version",
-                       {"Authorization": f"Bearer {token}"})
+        return ray_api("/api/version", env) is not None
 
     def start(self, env) -> subprocess.Popen:
         p = PORTS
         argv = [str(BIN / "ray"), "start", "--head", f"--node-ip-address={HOST}", f"--port={p['ray_gcs']}",
                 f"--dashboard-host={HOST}", f"--dashboard-port={p['ray_dashboard']}",
-                f"--ray-client-server-port={p['ray_client']}", f"--num-cpus={RAY_CPUS}",
+                f"--ray-client-server-port={p['ray_client']}", "--num-cpus=0", "--num-gpus=0",
                 "--disable-usage-stats", "--include-dashboard=true"]
         # The head's environment is what `ray job submit` entrypoints inherit: hand them the stack.
         # PATH leads with this venv so a plain `python` entrypoint of `ray job submit` finds the project.
-        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-        proc = self.spawn(argv, {**env, "RAY_USAGE_STATS_ENABLED": "0", "PATH": path})
+        proc = self.spawn(argv, ray_env(env))
         proc.wait(timeout=180)
         if proc.returncode != 0:
             raise StackError(f"`ray start --head` failed (status {proc.returncode}); see {self.logfile}")
@@ -387,6 +400,94 @@ class RayHead(Component):
             subprocess.run([str(BIN / "ray"), "stop", "--force"], env={**os.environ, **env},
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
         self.pidfile.unlink(missing_ok=True)
+
+
+class RayWorker(Component):
+    """Worker node ``index``: `ray start --address=HEAD --block` at 127.0.0.(index + 2), in a mount
+    namespace of its own with a fresh tmpfs on /tmp and its working directory there.
+
+    The checkout, the venv and .local/ are bound back where they were when they live under /tmp
+    (a CI clone may), so the node runs the same code; nothing else the driver writes to /tmp
+    reaches it. Its process session holds the raylet and every worker process: SIGKILL of that
+    session is a node lost.
+    """
+
+    def __init__(self, index: int):
+        self.index, self.ip = index, f"127.0.0.{index + 2}"
+        super().__init__(f"ray-worker-{index}", list(self.port_flags().values())[:6])
+
+    def port_flags(self) -> dict[str, int]:
+        base = WORKER_PORTS + WORKER_PORT_SPAN * self.index
+        return {"node-manager-port": base, "object-manager-port": base + 1, "dashboard-agent-listen-port": base + 2,
+                "dashboard-agent-grpc-port": base + 3, "runtime-env-agent-port": base + 4,
+                "metrics-export-port": base + 5, "min-worker-port": base + 10,
+                "max-worker-port": base + WORKER_PORT_SPAN - 1}
+
+    def healthy(self, env) -> bool:
+        return self.pid() is not None and any(n["node_ip"] == self.ip and n["state"] == "ALIVE"
+                                              for n in ray_nodes(env))
+
+    def start(self, env) -> subprocess.Popen:
+        cpus = worker_cpus(int(env.get("DENOISE_RAY_WORKERS", RAY_WORKERS)))
+        ray_argv = [str(BIN / "ray"), "start", f"--address={HOST}:{PORTS['ray_gcs']}", f"--node-ip-address={self.ip}",
+                    f"--num-cpus={cpus}", "--num-gpus=0", "--disable-usage-stats", "--block",
+                    *(f"--{name}={value}" for name, value in self.port_flags().items())]
+        return self.spawn(private_node_argv(ray_argv, workdir=f"/tmp/ray-node-{self.index}"), ray_env(env))
+
+    def stop(self, env, sig: int | None = None) -> None:
+        """End the node's session: SIGTERM then SIGKILL, or ``sig`` alone (SIGKILL: a node lost)."""
+        pid = self.pid()
+        if pid is not None:
+            if sig is None:
+                stop_session(pid)
+            else:
+                for member in session_members(pid):
+                    try:
+                        os.kill(member, sig)
+                    except ProcessLookupError:
+                        pass
+        self.pidfile.unlink(missing_ok=True)
+
+
+def private_node_argv(argv: list[str], *, workdir: str) -> list[str]:
+    """``argv`` run in a new mount namespace whose /tmp is an empty tmpfs (root: plain `unshare`;
+    otherwise a user namespace maps this user to root inside)."""
+    keep = sorted({p for p in (ROOT, LOCAL, Path(sys.prefix).resolve()) if Path("/tmp") in p.parents})
+    keep = [p for p in keep if not any(q in p.parents for q in keep)]  # nested ones come along
+    script = ["set -e"]
+    script += [f"exec {9 + i}<{shlex.quote(str(p))}" for i, p in enumerate(keep)]
+    script.append("mount -t tmpfs -o mode=1777 tmpfs /tmp")
+    for i, p in enumerate(keep):
+        script += [f"mkdir -p {shlex.quote(str(p))}", f"mount --bind /proc/self/fd/{9 + i} {shlex.quote(str(p))}",
+                   f"exec {9 + i}<&-"]
+    script += [f"mkdir -p {shlex.quote(workdir)}", f"cd {shlex.quote(workdir)}", "exec " + shlex.join(argv)]
+    unshare = ["unshare", "--mount", "--propagation", "private"]
+    if os.geteuid() != 0:
+        unshare[1:1] = ["--user", "--map-root-user"]
+    return [*unshare, "bash", "-c", "\n".join(script)]
+
+
+def ray_env(env: dict[str, str]) -> dict[str, str]:
+    path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**env, "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
+
+
+def ray_api(route: str, env: dict[str, str]):
+    """JSON of a dashboard route (with the cluster's token), or None when the head does not answer."""
+    token = Path(env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    req = urllib.request.Request(f"http://{HOST}:{PORTS['ray_dashboard']}{route}",
+                                 headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError):
+        return None
+
+
+def ray_nodes(env: dict[str, str]) -> list[dict]:
+    """The cluster's nodes as the state API lists them (node_ip, state, is_head_node, resources_total)."""
+    found = ray_api("/api/v0/nodes?limit=1000", env)
+    return found["data"]["result"]["result"] if found else []
 
 
 def session_members(session: int) -> list[int]:
@@ -418,19 +519,46 @@ def stop_session(session: int, grace: float = 10) -> None:
             return
 
 
-COMPONENTS = [SeaweedFS(), MLflowServer(), RayHead()]
-TIMEOUTS = {"seaweedfs": 90, "mlflow": 120, "ray": 120}
+SERVICES = [SeaweedFS(), MLflowServer(), RayHead()]
+TIMEOUTS = {"seaweedfs": 90, "mlflow": 120, "ray": 120, "ray-worker": 120}
+WORKERS_FILE = LOCAL / "run" / "ray-workers"
 
 
-def up(only: list[str] | None = None) -> int:
+def recorded_workers() -> int:
+    """How many worker nodes the last `up` started (what `status` expects)."""
+    try:
+        return int(WORKERS_FILE.read_text())
+    except (FileNotFoundError, ValueError):
+        return RAY_WORKERS
+
+
+def started_workers() -> list[RayWorker]:
+    """Every worker node with a PID file, whatever count started it."""
+    found = sorted(int(p.stem.rsplit("-", 1)[1]) for p in (LOCAL / "run").glob("ray-worker-*.pid")
+                   if p.stem.rsplit("-", 1)[1].isdigit()) if (LOCAL / "run").is_dir() else []
+    return [RayWorker(i) for i in found]
+
+
+def components(workers: int) -> list[Component]:
+    return [*SERVICES, *(RayWorker(i) for i in range(workers))]
+
+
+def up(only: list[str] | None = None, workers: int | None = None) -> int:
     env = stack_env()
     write_env_file(env)
     narrow_local()
+    workers = RAY_WORKERS if workers is None else workers
+    env["DENOISE_RAY_WORKERS"] = str(workers)
+    wanted = [c for c in components(workers) if not only or c.name.split("-worker")[0] in only]
     started: list[Component] = []
     try:
-        for comp in COMPONENTS:
-            if only and comp.name not in only:
-                continue
+        if not only or "ray" in only:
+            for extra in started_workers()[workers:] if workers < len(started_workers()) else []:
+                extra.stop(env)
+                log(f"{extra.name}: stopped (more than --workers {workers})")
+            private_dir(WORKERS_FILE.parent)
+            WORKERS_FILE.write_text(str(workers))
+        for comp in wanted:
             if comp.running(env):
                 log(f"{comp.name}: already running")
                 continue
@@ -438,10 +566,12 @@ def up(only: list[str] | None = None) -> int:
             if busy:
                 raise StackError(f"cannot start {comp.name}: port {busy[0]} is already in use by another "
                                  f"process; stop it or choose other ports (see infra/local/README.md)")
-            log(f"{comp.name}: starting (log {comp.logfile.relative_to(LOCAL.parent) if LOCAL.is_relative_to(ROOT) else comp.logfile})")
+            where = comp.logfile.relative_to(ROOT) if comp.logfile.is_relative_to(ROOT) else comp.logfile
+            log(f"{comp.name}: starting (log {where})")
             started.append(comp)
             proc = comp.start(env)
-            wait_for(lambda: comp.healthy(env), comp.name, TIMEOUTS[comp.name], proc, comp.logfile)
+            wait_for(lambda: comp.healthy(env), comp.name, TIMEOUTS.get(comp.name, TIMEOUTS["ray-worker"]),
+                     proc, comp.logfile)
             log(f"{comp.name}: healthy")
     except (StackError, StorageError) as exc:
         for comp in reversed(started):
@@ -452,36 +582,66 @@ def up(only: list[str] | None = None) -> int:
     return 0
 
 
+def kill_node(index: int) -> int:
+    """SIGKILL worker node ``index`` (raylet and workers at once): how a test loses a node."""
+    RayWorker(index).stop(stack_env(), sig=signal.SIGKILL)
+    log(f"ray-worker-{index}: killed")
+    return 0
+
+
 def down() -> int:
     env = stack_env()
-    for comp in reversed(COMPONENTS):
+    for comp in [*reversed(started_workers()), *reversed(SERVICES)]:
         comp.stop(env)
         log(f"{comp.name}: stopped")
+    WORKERS_FILE.unlink(missing_ok=True)
     return 0
 
 
 def status() -> int:
     env = stack_env()
     all_up = True
-    for comp in COMPONENTS:
+    for comp in components(recorded_workers()):
         ok = comp.running(env)
         all_up &= ok
-        print(f"{comp.name:10s} {'running' if ok else 'stopped'}")
+        print(f"{comp.name:14s} {'running' if ok else 'stopped'}")
         for label, url in comp.urls.items():
             print(f"    {label:22s} {url}")
-    print(f"bucket     s3://{BUCKET}  (MLflow artifacts under s3://{BUCKET}/mlflow)")
-    print(f"data       {LOCAL}")
-    print(f"client env source {LOCAL / 'stack.env'}")
+    nodes = ray_nodes(env) if all_up or SERVICES[2].running(env) else []
+    if nodes:
+        print(f"ray nodes      {sum(n['state'] == 'ALIVE' for n in nodes)} alive")
+        for node in sorted(nodes, key=lambda n: (not n.get("is_head_node"), n["node_ip"])):
+            res = node.get("resources_total") or {}
+            print(f"    {node['node_ip']:11s} {'head  ' if node.get('is_head_node') else 'worker'} {node['state']:6s} "
+                  f"CPU {res.get('CPU', 0):g}  GPU {res.get('GPU', 0):g}  "
+                  f"memory {res.get('memory', 0) / 2**30:.1f} GiB  node {node['node_id'][:12]}")
+    print(f"bucket         s3://{BUCKET}  (MLflow artifacts under s3://{BUCKET}/mlflow)")
+    print(f"data           {LOCAL}")
+    print(f"client env     source {LOCAL / 'stack.env'}")
     return 0 if all_up else 3
 
 
 def main(argv: list[str]) -> int:
-    cmds = {"up": lambda: up(argv[1:] or None), "down": down, "status": status,
-            "env": lambda: print_env(show_secrets="--show-secrets" in argv[1:])}
-    if not argv or argv[0] not in cmds:
+    args = list(argv)
+    workers = None
+    if "--workers" in args:
+        at = args.index("--workers")
+        try:
+            workers = int(args[at + 1])
+            del args[at:at + 2]
+        except (IndexError, ValueError):
+            print("error: --workers needs a number of worker nodes (0 or more)", file=sys.stderr)
+            return 2
+        if workers < 0:
+            print("error: --workers needs a number of worker nodes (0 or more)", file=sys.stderr)
+            return 2
+    cmds = {"up": lambda: up(args[1:] or None, workers), "down": down, "status": status,
+            "env": lambda: print_env(show_secrets="--show-secrets" in args[1:]),
+            "kill-node": lambda: kill_node(int(args[1]))}
+    if not args or args[0] not in cmds or (args[0] == "kill-node" and (len(args) < 2 or not args[1].isdigit())):
         print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    return cmds[argv[0]]()
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    return cmds[args[0]]()
 
 
 if __name__ == "__main__":
