@@ -57,3 +57,33 @@ def _reload_ray_auth() -> None:
         return
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+def tasks_share_this_disk() -> bool:
+    """Whether every node that can run a task or actor is this process's own node (a local Ray).
+
+    On a cluster, a path on this machine's disk does not exist for tasks on other nodes;
+    only S3, MLflow and Ray's object store cross between them.
+    """
+    import ray
+
+    if not ray.is_initialized():  # the tasks will run in a Ray this process starts, on this machine
+        return True
+    here = ray.get_runtime_context().get_node_id()
+    return all(node["NodeID"] == here for node in ray.nodes()
+               if node["Alive"] and (node["Resources"].get("CPU") or node["Resources"].get("GPU")))
+
+
+def require_shared(settings: Settings, **uris: str | None) -> None:
+    """Refuse local paths that tasks on other nodes would have to read or write.
+
+    Joins Ray only when a path is local, so jobs on S3 alone still fail fast without it.
+    """
+    local = {name: uri for name, uri in uris.items() if uri and "://" not in uri and not uri.startswith("models:")}
+    if not local:
+        return
+    init_ray(settings)
+    if not tasks_share_this_disk():
+        name, uri = next(iter(local.items()))
+        raise PipelineError(f"{name} {uri} is a path on this machine, which the cluster's other nodes cannot "
+                            f"read or write: use an s3:// URI (or run without RAY_ADDRESS, on a local Ray)")

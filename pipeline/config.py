@@ -137,6 +137,10 @@ class ScalingSection(Section):
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on GPU, gloo on CPU")
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = Field(
+        "SPREAD", description="how the workers' placement group lays them over the nodes: SPREAD puts them on "
+                              "different nodes where it can (one node lost costs fewer of them), PACK on as few "
+                              "as possible, STRICT_* or not at all")
 
     @property
     def torch_backend(self) -> str:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.baselines import CLASSIC_METHODS, ORACLE_METHODS, available_methods, true_sigma
-from pipeline.cluster import init_ray
+from pipeline.cluster import init_ray, require_shared
 from pipeline.diffusion import SAMPLERS
 from pipeline.errors import PipelineError, first_line, validation_problems
 from pipeline.images import decode_png_float, encode_png, to_uint8
@@ -376,6 +376,7 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
     totals = {m: len(selection.keys) * len(method_steps(m, steps)) for m in config.methods}
     if not config.local:  # only now: bad data or a bad model URI fail before any cluster work
         init_ray(settings)
+        require_shared(settings, DATASET=config.dataset, MODEL=config.model)  # read by tasks and actors
     where = "in this process" if config.local else "on Ray"
     log(f"evaluating {len(selection.keys)} of {selection.total} pairs of {config.dataset} ({config.split}), "
         f"{sum(totals.values())} cells, {where}; protocol: {'SIDD 256x256 blocks' if sidd else 'whole image'}")

@@ -85,6 +85,8 @@ class DenoiseConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads) per model actor")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs per read/decode and write/score task")
     task_memory_mb: int = Field(1024, ge=1, description="memory reserved per read/decode and write/score task")
+    actors_wait_s: int = Field(900, ge=1, description="how long the model actors may take to be placed before any "
+                                                       "item is read (a cluster may be adding nodes for them)")
     task_retries: int = Field(2, ge=0, description="retries of a Ray task or model actor that died (killed for "
                                                    "memory, node lost) before its items become error rows")
     date: str | None = Field(None, description="YYYY-MM-DD or 'today' (UTC): write under OUTPUT/<date>/")
@@ -206,7 +208,7 @@ def weights_version(model) -> str:
 
 
 STATUS_COLUMNS = ["key", "status", "reason", "input_uri", "output_uri", "checksum", "height", "width", "bits",
-                  "note", "seconds", "psnr_in", "psnr_out", "ssim_in", "ssim_out", "sigma_in", "sigma_out"]
+                  "note", "node", "seconds", "psnr_in", "psnr_out", "ssim_in", "ssim_out", "sigma_in", "sigma_out"]
 FLOAT_COLUMNS = ("seconds", "psnr_in", "psnr_out", "ssim_in", "ssim_out", "sigma_in", "sigma_out")
 
 
@@ -294,7 +296,11 @@ class Denoise:
 
         if threads:
             torch.set_num_threads(threads)
+        import ray
+
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Where this actor runs, for the manifest's node column (a driver-side test has no Ray).
+        self.node = ray.util.get_node_ip_address() if ray.is_initialized() else ""
         loaded = denoiser or load_denoiser(model_uri, settings)
         loaded.model = loaded.model.to(self.device).eval()
         self.loaded = loaded
@@ -309,6 +315,7 @@ class Denoise:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         columns = {name: list(values) for name, values in batch.items()}
         columns["denoised"], columns["seconds"] = [], []
+        columns["node"] = [self.node] * len(columns["status"])
         for i, status in enumerate(columns["status"]):
             start = time.perf_counter()
             out = b""
@@ -409,7 +416,7 @@ def status_row(record: dict, preview: bytes = b"") -> dict:
         row[column] = float("nan") if row[column] is None else float(row[column])
     for column in ("height", "width", "bits"):
         row[column] = int(row[column] or 0)
-    for column in ("output_uri", "reason", "note", "checksum"):
+    for column in ("output_uri", "reason", "note", "checksum", "node"):
         row[column] = row[column] or ""
     return {**row, "preview": preview}
 
@@ -424,6 +431,7 @@ def _write_result(row: dict, fs, *, settings: Settings, config: DenoiseConfig, m
     scores, note = _quality(noisy, denoised, reference, note)
     result = {"status": "done", "output_uri": output_uri, "height": h, "width": w, "bits": bits,
               "seconds": float(row["seconds"]), **scores, "reference_uri": reference_uri, "note": note,
+              "node": str(row.get("node") or ""),
               "model_uri": model_ref, "model_version": model_version, "sampler": config.sampler,
               "steps": config.sampler_steps}
     return result, _preview(noisy, denoised, reference if scores["psnr_in"] is not None else None)
@@ -521,6 +529,8 @@ def build_dataset(config: DenoiseConfig, settings: Settings, sources: list[Sourc
     # This dataset's own context (a copy), so the process-wide defaults stay as they were.
     finished.context.enable_progress_bars = False
     finished.context.max_errored_blocks = -1  # a block whose task died after its retries: its items are reported
+    # Every actor placed before the first read: reading must not fill the nodes the actors are waiting for.
+    finished.context.wait_for_min_actors_s = config.actors_wait_s
     return finished
 
 
@@ -559,9 +569,12 @@ def run_batch_denoise(config: DenoiseConfig, settings: Settings, *, log: Callabl
     Returns the summary and paths; ``mlflow_run`` is empty when MLflow could not be written
     (a warning says so; the outputs are complete all the same).
     """
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, require_shared
     from pipeline.modelstore import load_denoiser
 
+    # Tasks read INPUT and write OUTPUT, actors load the model: on a cluster none of them may be on this disk.
+    require_shared(settings, INPUT=config.input, OUTPUT=config.output, REFERENCE=config.reference,
+                   MODEL=config.model)
     sources = list_sources(config.input, settings)
     log(f"input: {len(sources)} files under {config.input} "
         f"({sum(kind_of(s.rel) == 'archive' for s in sources)} archives)")
@@ -582,7 +595,6 @@ def run_batch_denoise(config: DenoiseConfig, settings: Settings, *, log: Callabl
     with lease:
         index = read_state_index(config.output, settings, recipe=config.recipe_tag(model_ref, model_version),
                                  limits=config.limits_tag, partition=config.partition)
-        init_ray(settings)
         dataset = build_dataset(config, settings, sources, index=index, model_ref=model_ref,
                                 model_version=model_version, run_id=run_id)
         start = last = time.perf_counter()

@@ -14,8 +14,10 @@ How the work is shaped, so the driver's memory stays small whatever the source s
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
+import io
 import json
 import tempfile
 import time
@@ -213,15 +215,65 @@ def _rejection(source: str, path: str | None, reason: str, **extra) -> dict:
     return {"path": _uri(source, path), "reason": reason, **extra}
 
 
-def ingest_shard(plan: ShardPlan, config: IngestConfig, source: str, settings: Settings) -> dict:
+class ShippedFiles:
+    """A local source's files, carried to a task on another node through Ray's object store.
+
+    It answers the reads :func:`pipeline.pairs.load_pair` makes; a file the driver could not find
+    is missing here too, so the pair is rejected as it would be on the driver's disk.
+    """
+
+    protocol = "shipped"
+
+    def __init__(self, refs: dict):
+        self.refs, self.loaded = refs, {}
+
+    def cat_file(self, path: str) -> bytes:
+        import ray
+
+        if path not in self.refs:
+            raise FileNotFoundError(path)
+        if path not in self.loaded:
+            self.loaded[path] = ray.get(self.refs[path])
+        return self.loaded[path]
+
+    def open(self, path: str, mode: str = "rb"):
+        return io.BytesIO(self.cat_file(path))
+
+    def isfile(self, path: str) -> bool:
+        return path in self.refs
+
+
+def plan_paths(plan: ShardPlan) -> set[str]:
+    return {path for pair in plan.pairs for path in (pair.clean_path, pair.noisy_path) if path}
+
+
+def ship_files(plan: ShardPlan, shipped: dict) -> dict:
+    """Object refs of the plan's local files (each file put once, shared by the shards that read it)."""
+    import ray
+
+    refs = {}
+    for path in plan_paths(plan):
+        if path not in shipped:
+            try:
+                with open(path, "rb") as handle:
+                    shipped[path] = ray.put(handle.read())
+            except FileNotFoundError:
+                continue
+        refs[path] = shipped[path]
+    return refs
+
+
+def ingest_shard(plan: ShardPlan, config: IngestConfig, source: str, settings: Settings,
+                 files: dict | None = None) -> dict:
     """Load, check and encode one shard's pairs and write the shard; returns only what the card needs.
 
     A pair that cannot be used is rejected with its reason. Storage failures (``OSError``)
     propagate so Ray retries the task; the shard is rewritten whole, under the same name.
+    ``files`` carries a local source's files when the task may run on another node.
     """
     # One filesystem per worker process, so SIDD's block arrays stay cached in
     # pairs.load_pair across the shards this worker handles.
-    fs = fsspec_for(source, settings, shared=True)[0]
+    fs = ShippedFiles(files) if files is not None else fsspec_for(source, settings, shared=True)[0]
     rows, rejected = [], []
     for pair in plan.pairs:
         try:
@@ -314,15 +366,32 @@ def _run_shards(plans: list[ShardPlan], config: IngestConfig, source: str, setti
                 log: Callable[[str], None]) -> list[dict]:
     import ray
 
+    from pipeline.cluster import tasks_share_this_disk
+
     task = ray.remote(ingest_shard).options(num_cpus=config.task_cpus, max_retries=2, retry_exceptions=[OSError])
-    pending = {task.remote(plan, config, source, settings): plan for plan in plans}
+    # A local source is read here and shipped when tasks may run on nodes without this disk; a
+    # window of shards in flight bounds what the object store holds of it at once.
+    ship = not is_s3(source) and not tasks_share_this_disk()
+    shipped: dict = {}
+    readers = collections.Counter(path for plan in plans for path in plan_paths(plan))
+    window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / config.task_cpus)) if ship else len(plans)
+    queue = list(plans)
+    pending: dict = {}
     progress = _Progress(sum(len(p.pairs) for p in plans), log)
     results = []
     try:
-        while pending:
+        while pending or queue:
+            while queue and len(pending) < window:
+                plan = queue.pop(0)
+                files = ship_files(plan, shipped) if ship else None
+                pending[task.remote(plan, config, source, settings, files)] = plan
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 plan = pending.pop(ref)
+                for path in plan_paths(plan):
+                    readers[path] -= 1
+                    if not readers[path]:
+                        shipped.pop(path, None)  # no shard still to run reads it: let the store free it
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayError as exc:
@@ -455,7 +524,7 @@ def write_demo_source(folder: str, *, test: bool, seed: int,
 
 def _ingest(config: IngestConfig, settings: Settings, *, source: str, log: Callable[[str], None],
             found: tuple[list[Pair], list] | None = None, extra: dict | None = None) -> dict:
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, require_shared
 
     for uri in {source, config.dest}:
         if is_s3(uri):
@@ -480,8 +549,9 @@ def _ingest(config: IngestConfig, settings: Settings, *, source: str, log: Calla
             _write_quarantine(config, settings, discovery_rejected)
             where = f"in {quarantine_uri}"
         raise IngestError(f"no pairs found in {config.source} for layout {config.layout!r}; reasons {where}")
-    _clear_dest(config, settings)
     init_ray(settings)
+    require_shared(settings, DEST=config.dest)  # shards are written by the tasks, wherever they run
+    _clear_dest(config, settings)
     try:
         results = _run_shards(plans, config, source, settings, log)
     except BaseException:

@@ -45,7 +45,8 @@ LEASE = "lease.json"
 
 MANIFEST_COLUMNS = ["key", "input_uri", "output_uri", "status", "height", "width", "bits", "seconds",
                     "psnr_in", "psnr_out", "ssim_in", "ssim_out", "sigma_in", "sigma_out", "reference_uri", "note",
-                    "model_uri", "model_version", "sampler", "steps", "checksum", "run_id", "finished_at", "partition"]
+                    "model_uri", "model_version", "sampler", "steps", "node", "checksum", "run_id", "finished_at",
+                    "partition"]
 ERROR_COLUMNS = ["key", "reason", "stage", "retry", "input_uri", "checksum", "max_megapixels", "max_image_mb",
                  "run_id", "finished_at", "partition"]
 

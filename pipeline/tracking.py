@@ -151,6 +151,15 @@ class RunLogger:
             return
         self._buffer.clear()
 
+    def tags(self, tags: dict[str, str]) -> None:
+        """Run tags (e.g. where this attempt's workers run); a failure is counted, never raised."""
+        from mlflow.entities import RunTag
+
+        try:
+            self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+
     def image(self, image, key: str, step: int) -> None:
         """One picture per validation under ``key``."""
         if not self._ready():

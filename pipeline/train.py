@@ -189,10 +189,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ema_decay = opt.ema_decay_for(total)
     t_weights = time_weights(config.diffusion.T, at_T=config.diffusion.time_mass_at_T)
 
+    nodes = worker_nodes(world)
     logger = val_pairs = None
     if rank == 0:
         logger = RunLogger(loop_config["mlflow_uri"], run_id)
         logger.start(METRIC_KEYS)
+        logger.tags({"worker_nodes": ",".join(ip for ip, _ in nodes),
+                     "worker_node_ids": ",".join(node for _, node in nodes)})
+        say(f"workers on nodes {', '.join(f'rank {r}: {ip}' for r, (ip, _) in enumerate(nodes))}")
         val = config.validation
         val_pairs = validation_pairs(config.dataset, settings, crop=val.crop, limit=val.limit)
     kill_at = config.fault_injection.kill_at_step if checkpoint is None else None
@@ -271,6 +275,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
                            total=total)
     if logger is not None:
         logger.close()
+
+
+def worker_nodes(world: int) -> list[tuple[str, str]]:
+    """(node address, node id) of every rank, in rank order: a collective, so every rank calls it."""
+    import ray
+
+    here = (ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id())
+    if world == 1:
+        return [here]
+    found: list = [None] * world
+    torch.distributed.all_gather_object(found, here)
+    return found
 
 
 def _resume_point(registered, stored_uri: str | None, settings: Settings):
@@ -471,7 +487,7 @@ def check_dataset(config: TrainConfig, settings: Settings) -> dict:
 def train(config: TrainConfig, settings: Settings, *, promote: bool = False, register_model: bool = True,
           log=print) -> dict:
     """Check, train (or resume) on the Ray cluster, register the EMA model; returns a summary."""
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, require_shared
     from pipeline.storage import arrow_fs_for, check_storage, is_s3
     from pipeline.tracking import check_mlflow, open_training_run
 
@@ -480,6 +496,9 @@ def train(config: TrainConfig, settings: Settings, *, promote: bool = False, reg
     card = check_dataset(config, settings)
     check_mlflow(settings.mlflow_uri)
     total = plan_steps(config, card)
+    init_ray(settings, runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
+    # Workers read the dataset and write checkpoints: on a cluster neither may be on this disk.
+    require_shared(settings, dataset=config.dataset, storage_path=config.storage_path)
     run_name = config.run_name or time.strftime("train-%Y%m%d-%H%M%S")
     config = config.model_copy(update={"run_name": run_name})
     storage_uri = config.storage_path or settings.uri("checkpoints")
@@ -500,7 +519,6 @@ def train(config: TrainConfig, settings: Settings, *, promote: bool = False, reg
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     stored = stored_checkpoint(storage_fs, f"{storage_path.rstrip('/')}/{run_name}")
     stored_uri = None if stored is None else (f"s3://{stored}" if is_s3(storage_uri) else stored)
-    init_ray(settings, runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
     result = _fit(config, settings, total=total, run_id=run_id, storage_fs=storage_fs, storage_path=storage_path,
                   stored_checkpoint=stored_uri)
     metrics = result.metrics or {}
@@ -545,7 +563,8 @@ def _fit(config: TrainConfig, settings: Settings, *, total: int, run_id: str, st
                            "stored_checkpoint": stored_checkpoint},
         torch_config=TorchConfig(backend=scaling.torch_backend),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker=dict(scaling.resources_per_worker)),
+                                               resources_per_worker=dict(scaling.resources_per_worker),
+                                               placement_strategy=scaling.placement_strategy),
         run_config=ray.train.RunConfig(
             name=config.run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.checkpoint.num_to_keep,
