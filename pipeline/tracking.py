@@ -1,4 +1,5 @@
-"""MLflow at the edge: reachability checks and runs that survive restarts."""
+"""MLflow at the edge: reachability checks, the project's conventions for experiments, runs and
+datasets, and training runs that survive restarts."""
 
 from __future__ import annotations
 
@@ -31,14 +32,111 @@ def check_mlflow(uri: str, timeout: float = 5.0) -> None:
                         f"stack with `make up` or set MLFLOW_TRACKING_URI")
 
 
+# ---------------------------------------------------------------- conventions
+
+KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # MLflow's kind for model training (vs "genai_development")
+# MLflow 3.17's UI opens an experiment in the view of its sidebar switch (GenAI unless the browser
+# chose otherwise) whatever the kind tag says; this query parameter picks the view in a link.
+UI_VIEW = "workflowType=machine_learning"
+DIGEST_CHARS = 16  # MLflow stores at most 36; the jobs print dataset hashes to 16 too
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment ``name``, created as a model-training experiment when missing.
+
+    An existing experiment without a kind gets ours; a kind someone chose in the UI stays.
+    """
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags={KIND_TAG: MODEL_TRAINING})
+        except MlflowException:  # created meanwhile by a job beside this one
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, KIND_TAG, MODEL_TRAINING)
+    return exp.experiment_id
+
+
+def ui_url(uri: str, experiment: str, run_id: str | None = None) -> str:
+    """A link to an experiment (or one of its runs) that opens in the UI's model-training view."""
+    page = f"#/experiments/{experiment}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{uri.rstrip('/')}/{page}?{UI_VIEW}"
+
+
+def source_tags(entrypoint: str) -> dict[str, str]:
+    """MLflow's ``mlflow.source.*`` tags for a run the job script ``entrypoint`` started: its name,
+    type JOB, and the git commit, repository URL and branch where known."""
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import (MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_GIT_REPO_URL,
+                                          MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE)
+
+    from pipeline.version import code_version, git_origin
+
+    origin = git_origin()
+    tags = {MLFLOW_SOURCE_NAME: entrypoint, MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB),
+            MLFLOW_GIT_COMMIT: code_version()["git_commit"], MLFLOW_GIT_REPO_URL: origin["repo_url"],
+            MLFLOW_GIT_BRANCH: origin["branch"]}
+    return {k: v for k, v in tags.items() if v}
+
+
+def mlflow_dataset(uri: str, *, split: str, digest: str | None):
+    """One split of a paired dataset as an ``mlflow.data`` record for ``log_input``: named
+    ``<folder>/<split>``, the split's folder as source, its content hash as digest (MLflow's own
+    digest of the record when None), the shards' columns as schema."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    root = uri.rstrip("/")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a local folder matches two equal local sources
+        source = resolve_dataset_source(f"{root}/{split}")
+    return MetaDataset(source, name=f"{root.rsplit('/', 1)[-1]}/{split}",
+                       digest=digest[:DIGEST_CHARS] if digest else None, schema=_shard_schema())
+
+
+def _shard_schema():
+    import pyarrow as pa
+    from mlflow.types import ColSpec, DataType, Schema
+
+    from pipeline.shards import SCHEMA
+
+    kinds = {pa.string(): DataType.string, pa.binary(): DataType.binary, pa.int32(): DataType.integer}
+    return Schema([ColSpec(kinds[field.type], field.name) for field in SCHEMA])
+
+
+def training_datasets(uri: str, card: dict) -> dict:
+    """The run inputs of training on the dataset at ``uri``: context -> ``mlflow.data`` record."""
+    digest = card.get("dataset_hash")
+    return {"training": mlflow_dataset(uri, split="train", digest=digest),
+            "validation": mlflow_dataset(uri, split="val", digest=digest)}
+
+
+def _dataset_inputs(datasets: dict) -> list:
+    """What ``mlflow.log_input`` sends, for runs written through a client (not the active run)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return [DatasetInput(Dataset(**dataset.to_dict()), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            for context, dataset in datasets.items()]
+
+
 # ---------------------------------------------------------------- training runs
 
 RUN_TAG = "denoise.train_run"  # where the Ray Train run keeps its checkpoints: a rerun there resumes this run
 
 
 def open_training_run(uri: str, *, experiment: str, run_name: str, location: str, params: dict,
-                      tags: dict) -> tuple[str, bool, list[str]]:
-    """The MLflow run of the Ray Train run kept at ``location``: found again by tag, or created.
+                      tags: dict, datasets: dict | None = None,
+                      entrypoint: str = "jobs/train.py") -> tuple[str, bool, list[str]]:
+    """The MLflow run of the Ray Train run kept at ``location``: found again by tag, or created,
+    with the source tags of ``entrypoint`` and ``datasets`` (context -> ``mlflow.data`` record) as inputs.
 
     Returns (run_id, resumed, changed) where ``changed`` names params whose value differs
     from what the run logged before (MLflow keeps the first value; the caller warns).
@@ -47,8 +145,8 @@ def open_training_run(uri: str, *, experiment: str, run_name: str, location: str
     from mlflow.entities import Param, RunTag
 
     client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    exp_id = ensure_experiment(client, experiment)
+    tags = {**source_tags(entrypoint), **tags}
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_TAG}` = '{location}'",
                                order_by=["attributes.start_time DESC"], max_results=1)
     if found:
@@ -63,6 +161,8 @@ def open_training_run(uri: str, *, experiment: str, run_name: str, location: str
         client.log_batch(run.info.run_id, params=new[start:start + 100])
     if resumed:
         client.log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    if datasets:  # again on resume: MLflow keeps one input per dataset and run
+        client.log_inputs(run.info.run_id, datasets=_dataset_inputs(datasets))
     return run.info.run_id, resumed, changed
 
 
