@@ -3,7 +3,8 @@
 A registered version carries two things: an ``mlflow.pytorch`` model (a module mapping a
 noisy batch to a denoised one, for ``mlflow.pyfunc`` users) and our own checkpoint files
 (``model.pt`` + ``model.json``) as extra files, which is what the jobs load, with
-``torch.load(weights_only=True)``.
+``torch.load(weights_only=True)``. The served module is pickled (docs/training.md says why) with an
+input example and a signature, so the UI and ``mlflow models serve`` know what it takes.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 # What loading the served module imports (what MLflow's inference found). Naming them saves the
 # 5-10 s MLflow spends importing the model in a subprocess to infer them, on every registration.
 SERVING_PACKAGES = ("mlflow", "numpy", "pandas", "pyarrow", "torch")
+# Where the served model's environment finds torch: PyPI's Linux torch is the CUDA build with
+# gigabytes of NVIDIA wheels, while pip takes X+cpu from here for ==X (the higher version).
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 
 
 class ModelLoadError(PipelineError):
@@ -70,11 +74,22 @@ class Denoiser:
 
 
 def serving_requirements() -> list[str]:
-    """Pinned to this environment's versions; torch without its local label (``+cpu``), so a GPU
-    build of the same release satisfies it."""
+    """Pinned to this environment's versions, after an extra index line for CPU torch; torch without
+    its local label (``+cpu``), so a CUDA build of the same release, already installed, satisfies it."""
     from importlib.metadata import version
 
-    return [f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+    return [f"--extra-index-url {TORCH_CPU_INDEX}",
+            *(f"{name}=={version(name).split('+')[0]}" for name in SERVING_PACKAGES)]
+
+
+def serving_signature():
+    """Any number of (3, H, W) float32 images of any size in, the same shapes out."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    images = Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))])
+    return ModelSignature(inputs=images, outputs=images)
 
 
 class SamplingDenoiser(nn.Module):
@@ -95,21 +110,18 @@ def log_denoiser(model: UNet, *, T: int, registered_name: str | None = None, art
     """Log to the active MLflow run (and register when a name is given); returns the ModelInfo."""
     import mlflow.pytorch
     import numpy as np
-    from mlflow.models import infer_signature
 
     model = model.eval().cpu()
     served = SamplingDenoiser(model, T=T, sampler=sampler, steps=steps)
     if input_example is None:
-        input_example = np.random.default_rng(0).random((1, 3, 32, 32), dtype=np.float32)
-    with torch.no_grad():
-        output = served(torch.as_tensor(input_example)).numpy()
+        input_example = np.random.default_rng(0).random((1, 3, 16, 16), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for name, data in checkpoint_files(model, T=T, extra=extra).items():
             (Path(tmp) / name).write_bytes(data)
             paths.append(str(Path(tmp) / name))
         return mlflow.pytorch.log_model(
-            served, name=artifact_name, signature=infer_signature(input_example, output),
+            served, name=artifact_name, signature=serving_signature(), input_example=input_example,
             registered_model_name=registered_name, extra_files=paths, code_paths=[str(PACKAGE_DIR)],
             pip_requirements=serving_requirements(),
             serialization_format="pickle", await_registration_for=60,
