@@ -1,8 +1,9 @@
 """Filesystems for one configured S3 endpoint (or a local folder), and whole-object writes.
 
-pyarrow's S3FileSystem ignores ``AWS_ENDPOINT_URL``, so both the pyarrow filesystem (for
-Ray Data and Ray Train) and the s3fs filesystem (for listing and small objects) are built
-here from the same settings. s3fs instances are not fork-safe: build them inside the task
+pyarrow's S3FileSystem ignores ``AWS_ENDPOINT_URL``, so the pyarrow filesystem (for Ray Data
+and Ray Train), the s3fs filesystem (for listing and small objects) and the boto3 client (for
+conditional writes) are all built here from the same settings: endpoint, region, keys and the
+session token of temporary credentials. s3fs instances are not fork-safe: build them inside the task
 or actor that uses them, from the (picklable) settings.
 """
 
@@ -20,12 +21,12 @@ from pathlib import Path
 import fsspec
 import pyarrow.fs as pafs
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, is_transient
 from pipeline.settings import Settings
 
 
 class StorageError(PipelineError):
-    """The object store can't be used as configured."""
+    """The object store can't be used as configured (transient when it did not answer)."""
 
 
 def is_s3(uri: str) -> bool:
@@ -42,7 +43,7 @@ def s3fs_filesystem(settings: Settings):
 
     key, secret = settings.credentials()
     return s3fs.S3FileSystem(
-        key=key, secret=secret, anon=False, skip_instance_cache=True,
+        key=key, secret=secret, token=settings.session_token(), anon=False, skip_instance_cache=True,
         client_kwargs={"endpoint_url": settings.s3_endpoint, "region_name": settings.s3_region},
         config_kwargs={"connect_timeout": 5, "retries": {"max_attempts": 2}},
     )
@@ -51,9 +52,9 @@ def s3fs_filesystem(settings: Settings):
 def arrow_filesystem(settings: Settings) -> pafs.S3FileSystem:
     key, secret = settings.credentials()
     return pafs.S3FileSystem(
-        access_key=key, secret_key=secret, endpoint_override=settings.s3_host,
-        scheme=settings.s3_scheme, region=settings.s3_region, connect_timeout=5, request_timeout=60,
-        allow_bucket_creation=False,
+        access_key=key, secret_key=secret, session_token=settings.session_token(),
+        endpoint_override=settings.s3_host, scheme=settings.s3_scheme, region=settings.s3_region,
+        connect_timeout=5, request_timeout=60, allow_bucket_creation=False,
     )
 
 
@@ -123,6 +124,9 @@ def describe_s3_error(exc: BaseException, settings: Settings, bucket: str | None
     code = ""
     if isinstance(exc, bce.ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
+    if code in ("ExpiredToken", "InvalidToken", "TokenRefreshRequired"):
+        return (f"{where} rejected the temporary credentials ({code}); refresh them: AWS_ACCESS_KEY_ID, "
+                f"AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN come together")
     if isinstance(exc, FileNotFoundError) or code in ("404", "NoSuchBucket"):
         fix = "set DENOISE_BUCKET" if bucket == settings.bucket else "fix the s3:// URI that names it"
         return f"bucket '{bucket}' does not exist at {where}; create it or {fix}"
@@ -141,7 +145,7 @@ def s3_client(settings: Settings, *, connect_timeout: float = 5, read_timeout: f
     key, secret = settings.credentials()
     return boto3.client(
         "s3", endpoint_url=settings.s3_endpoint, region_name=settings.s3_region,
-        aws_access_key_id=key, aws_secret_access_key=secret,
+        aws_access_key_id=key, aws_secret_access_key=secret, aws_session_token=settings.session_token(),
         config=botocore.config.Config(connect_timeout=connect_timeout, read_timeout=read_timeout,
                                       retries={"max_attempts": attempts}),
     )
@@ -155,7 +159,7 @@ def check_storage(settings: Settings, bucket: str | None = None) -> None:
     try:
         client.head_bucket(Bucket=bucket or settings.bucket)
     except (bce.BotoCoreError, bce.ClientError) as exc:
-        raise StorageError(describe_s3_error(exc, settings, bucket)) from None
+        raise StorageError(describe_s3_error(exc, settings, bucket), transient=is_transient(exc)) from None
 
 
 # -- compare-and-swap on one small object (S3 conditional writes; a lock file locally) --------
