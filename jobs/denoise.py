@@ -11,19 +11,18 @@ bytes, same model version, sampler and steps), so a killed run is finished by si
 running it again. One run at a time per OUTPUT: a second one refuses while the first
 holds OUTPUT/_state/lease.json.
 
-Exit status: 0 when the run completed (items that failed are listed in errors.parquet; an
-MLflow outage after the merge is a warning), 2 when it could not run or stopped early (bad
-arguments, missing or empty INPUT, a missing bucket, unknown model, unreachable S3/MLflow/Ray,
-OUTPUT in use by another run, the lease lost before the merge, the cluster failing the run),
-143 when stopped by SIGTERM (the lease is released; only SIGKILL leaves it to expire).
+Exit status (the README's "Exit codes"): 0 when the run completed (items that failed are listed
+in errors.parquet; an MLflow outage after the merge is a warning); 2 when it cannot succeed as
+given (bad arguments, missing or empty INPUT, a missing bucket, unknown model, OUTPUT in use by
+another run, the cluster failing the run); 75 when S3, MLflow or Ray did not answer or the lease
+was lost before the merge (run it again later: finished items are skipped); 143 when stopped by
+SIGTERM (the lease is released; only SIGKILL leaves it to expire).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,30 +44,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@contextlib.contextmanager
-def sigterm_unwinds():
-    """SIGTERM (what ``ray job stop`` sends first) exits like an error, so OUTPUT's lease is still released."""
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @exit_on_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = DenoiseConfig.build(**vars(args))
     settings = load_settings()
+    settings.apply_mlflow_env()  # MLflow credentials from DENOISE_SETTINGS too
     for bucket in config.buckets():  # before any work: a night of inference must not end in a missing bucket
         check_storage(settings, bucket)
     check_mlflow(settings.mlflow_uri)
-    with sigterm_unwinds():
-        result = run_batch_denoise(config, settings)
+    # SIGTERM (what ``ray job stop`` sends first) unwinds like an error (exit_on_error), so OUTPUT's lease
+    # is still released.
+    result = run_batch_denoise(config, settings)
     print(f"manifest: {result['manifest']} ({result['manifest_rows']} rows)")
     print(f"errors: {result['errors']} ({result['error_rows']} rows)")
     print(f"mlflow run: {result['mlflow_run'] or 'not logged (see the warning above)'}")

@@ -5,7 +5,7 @@
 Every method sees exactly the same pairs (the first --limit keys of the split, centre-cropped
 to --crop). The report folder (local or s3://) holds results.parquet (one row per pair x
 method x K), summary.md and PNG plots; the same goes to an MLflow run tagged with the model
-version and the dataset hash. See docs/evaluation.md.
+version and the dataset hash. Exit status: the README's "Exit codes". See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.tracking import check_mlflow
 
     settings = load_settings()
+    settings.apply_mlflow_env()  # MLflow credentials from DENOISE_SETTINGS too
     if is_s3(config.dataset) or is_s3(config.report) or config.model.startswith(("models:/", "s3://")):
         check_storage(settings)
     check_mlflow(settings.mlflow_uri)

@@ -11,7 +11,8 @@ blocks, other photos and a held-out camera, in split test; 'leaves:' = 24 proced
 dead-leaves images with camera noise, all in train, to mix into training with data.synthetic);
 DEST is an s3:// prefix or a local folder. Writes DEST/<split>/part-*.parquet,
 DEST/quarantine.json (what was rejected and why) and, last, DEST/dataset.json. Exit status 2 when no valid pair is left, or when
---strict is given and anything was rejected. See docs/ingest.md.
+--strict is given and anything was rejected; 75 when S3 or Ray did not answer (the README's "Exit codes").
+See docs/ingest.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python jobs/smoke.py [--prefix smoke/NAME] [--epochs 2] [--workers 2]
 
 Proves the stack is wired before any real job runs; prints the MLflow run URL and the
-S3 paths it wrote.
+S3 paths it wrote. Exit status: the README's "Exit codes" (75 when a service did not answer).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cluster import init_ray  # noqa: E402
+from pipeline.cluster import init_ray, train_data_config  # noqa: E402
 from pipeline.errors import exit_on_error  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
 from pipeline.storage import arrow_filesystem, check_storage  # noqa: E402
@@ -38,6 +38,7 @@ def train_loop(config: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
     run = None
     if rank == 0:
+        config["settings"].apply_mlflow_env()  # an authenticated MLflow: its credentials came in the settings
         mlflow.set_tracking_uri(config["mlflow_uri"])
         mlflow.set_experiment(config["experiment"])
         run = mlflow.start_run(run_name=config["run_name"])
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = load_settings()
+    settings.apply_mlflow_env()  # MLflow credentials from DENOISE_SETTINGS too
     check_storage(settings)
     check_mlflow(settings.mlflow_uri)
     init_ray(settings)
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     run_name = prefix.rsplit("/", 1)[-1]
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"epochs": args.epochs, "mlflow_uri": settings.mlflow_uri,
+        train_loop_config={"epochs": args.epochs, "mlflow_uri": settings.mlflow_uri, "settings": settings,
                            "experiment": args.experiment, "run_name": run_name},
         # Fractional CPUs leave room for Ray Data's read tasks on a 2-core machine.
         scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=False,
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         run_config=ray.train.RunConfig(name=run_name, storage_path=f"{settings.bucket}/{prefix}/checkpoints",
                                        storage_filesystem=fs),
         datasets={"train": dataset},
+        dataset_config=train_data_config(),
     )
     result = trainer.fit()
     import mlflow

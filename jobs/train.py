@@ -5,7 +5,8 @@
 
 Rerunning with the same --name resumes from the run's last checkpoint and logs to the same
 MLflow run. At the end the EMA model is registered with alias `candidate`; --promote also
-moves `champion` to it when its validation PSNR beats the current champion's.
+moves `champion` to it when its validation PSNR beats the current champion's. Exit status: the
+README's "Exit codes" (75 when S3, MLflow or Ray did not answer: rerun with the same --name).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = args.overrides + ([f"run_name={args.run_name}"] if args.run_name else [])
     config = load_config(args.config, overrides)
     settings = load_settings()
+    settings.apply_mlflow_env()  # MLflow credentials from DENOISE_SETTINGS too
 
     from pipeline.train import train
 
