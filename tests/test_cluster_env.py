@@ -143,3 +143,27 @@ def test_mlflow_credentials_reach_a_rank_zero_process_in_the_settings(settings, 
                           env=clean, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
     assert proc.stdout.decode().split() == ["ci", "pa55word", "tok-123", "False", "/etc/ca.pem"]
+
+
+IN_A_JOB = """
+import os, ray
+from pipeline.cluster import init_ray
+from pipeline.settings import load_settings
+
+init_ray(load_settings(), attempts=1)
+names = ("DENOISE_BUCKET", "RAY_DATA_LOG_LEVEL", "AWS_ENDPOINT_URL_S3")
+print("worker env:", ray.get(ray.remote(num_cpus=0)(lambda: [os.environ.get(n) for n in names]).remote()))
+"""
+
+
+@pytest.mark.stack
+def test_a_job_submitted_with_its_own_env_vars_runs(stack_env):
+    """``ray job submit --runtime-env-json`` naming an env var that init_ray sets too: Ray refused the driver's."""
+    job_env = {"env_vars": {"DENOISE_BUCKET": stack_env["DENOISE_BUCKET"], "RAY_DATA_LOG_LEVEL": "INFO"}}
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "ray"), "job", "submit", "--address", "http://127.0.0.1:8265",
+                           "--runtime-env-json", json.dumps(job_env), "--", sys.executable, "-c", IN_A_JOB],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, **stack_env})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "succeeded" in out, out[-3000:]
+    assert f"worker env: ['{stack_env['DENOISE_BUCKET']}', 'INFO', '{stack_env['DENOISE_S3_ENDPOINT']}']" in out, \
+        out[-3000:]
