@@ -24,7 +24,7 @@ RAY_DEFAULT_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 # Ray's own console noise, kept out unless DENOISE_VERBOSE is set. (RAY_BACKEND_LOG_LEVEL is no way
-# to quiet the C++ side: each worker process then logs that it read it.)
+# to quiet the C++ side: every worker process then logs that it read it, to every driver's console.)
 QUIET_ENV = {
     "RAY_DATA_LOG_LEVEL": "WARNING",  # execution plans, and progress logged for a stdout that is no terminal
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # rank 0's "View run ... at" (the driver names the run)
