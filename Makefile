@@ -37,8 +37,9 @@ chromium:
 	  else echo "chromium: $(CHROMIUM) is missing; install it once as root: apt-get install chromium" >&2; exit 1; fi; \
 	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; }
 
+# WORKERS=N: Ray worker nodes beside the head (default 2); see docs/cluster.md.
 up: install
-	$(STACK) up
+	$(STACK) up $(if $(WORKERS),--workers $(WORKERS))
 
 down:
 	@test -x $(PY) && $(STACK) down || true

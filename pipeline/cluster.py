@@ -171,7 +171,7 @@ def require_shared(settings: Settings, **uris: str | None) -> None:
     Joins Ray only when a path is local, so jobs on S3 alone still fail fast without it.
     """
     local = {name: uri for name, uri in uris.items() if uri and "://" not in uri and not uri.startswith("models:")}
-    if not local:
+    if not local or not settings.ray_address:  # a Ray this process starts runs every task on this machine
         return
     init_ray(settings)
     if not tasks_share_this_disk():

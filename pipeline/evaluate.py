@@ -32,6 +32,7 @@ from pipeline.report import best_steps, headline, noise_fact, publish, staging_d
 from pipeline.settings import Settings
 from pipeline.shards import DatasetError, center_crop, read_card, split_files
 from pipeline.storage import arrow_fs_for
+from pipeline.tracking import ensure_experiment, mlflow_dataset, source_tags, ui_url
 
 TILE, OVERLAP = 512, 32
 TASK_CPUS, ACTOR_CPUS, READ_CPUS = 0.5, 0.5, 0.25  # fractional: a 2-core cluster keeps room for reads
@@ -330,7 +331,7 @@ def _log_to_mlflow(run_name: str, *, config: EvalConfig, settings: Settings, sta
     import mlflow
 
     mlflow.set_tracking_uri(settings.mlflow_uri)
-    mlflow.set_experiment(config.experiment)
+    experiment = ensure_experiment(mlflow.MlflowClient(settings.mlflow_uri), config.experiment)
     metrics = {}
     for method, row in headline(summary).items():
         if not math.isnan(row["psnr"]):
@@ -342,7 +343,10 @@ def _log_to_mlflow(run_name: str, *, config: EvalConfig, settings: Settings, sta
     for name, row in best_steps(summary).items():
         metrics[f"eval_best_k_{name}"] = row["steps"]
     metrics["eval_failed_cells"] = sum(row["failed"] for row in summary)
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name,
+                          tags={**source_tags("jobs/evaluate.py"), **tags}) as run:
+        mlflow.log_input(mlflow_dataset(config.dataset, split=config.split, digest=tags["eval_pairs_hash"]),
+                         context="evaluation")
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.log_table(results.to_pandas(), artifact_file="results.json")
@@ -431,7 +435,7 @@ def evaluate(config: EvalConfig, settings: Settings, *, log: Callable[[str], Non
         except Exception as exc:  # noqa: BLE001 - the report is still worth keeping
             run_id, tracking_problem = None, first_line(exc)
         with open(staging / "summary.md", "a") as handle:
-            handle.write(f"\nMLflow run: {settings.mlflow_uri}/#/experiments/{experiment_id}/runs/{run_id}\n"
+            handle.write(f"\nMLflow run: {ui_url(settings.mlflow_uri, experiment_id, run_id)}\n"
                          if run_id else f"\nMLflow logging failed: {tracking_problem}\n")
         publish(staging, config.report, settings)
     finally:

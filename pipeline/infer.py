@@ -48,6 +48,7 @@ from pipeline.ledger import (
 )
 from pipeline.settings import Settings
 from pipeline.storage import fsspec_for, join, strip_scheme, write_atomic
+from pipeline.tracking import ensure_experiment, source_tags, ui_url
 
 DEFAULT_MODEL_URI = "models:/denoiser@champion"
 UNDATED = "undated"
@@ -85,6 +86,9 @@ class DenoiseConfig(BaseModel):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads) per model actor")
     cpus_per_task: float = Field(1.0, gt=0, description="CPUs per read/decode and write/score task")
     task_memory_mb: int = Field(1024, ge=1, description="memory reserved per read/decode and write/score task")
+    passes: int = Field(2, ge=1, description="runs of the graph: a later one takes only the inputs of which no "
+                                             "item came back (their tasks died: a node lost, a worker killed for "
+                                             "memory)")
     actors_wait_s: int = Field(900, ge=1, description="how long the model actors may take to be placed before any "
                                                        "item is read (a cluster may be adding nodes for them)")
     task_retries: int = Field(2, ge=0, description="retries of a Ray task or model actor that died (killed for "
@@ -301,6 +305,7 @@ class Denoise:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # Where this actor runs, for the manifest's node column (a driver-side test has no Ray).
         self.node = ray.util.get_node_ip_address() if ray.is_initialized() else ""
+        settings.apply_mlflow_env()  # models:/ URIs: an authenticated MLflow's credentials came in the settings
         loaded = denoiser or load_denoiser(model_uri, settings)
         loaded.model = loaded.model.to(self.device).eval()
         self.loaded = loaded
@@ -497,8 +502,9 @@ def ray_remote_args(config: DenoiseConfig) -> tuple[dict, dict]:
     # actors ask for none, keeps Ray Data from fusing reading and decoding into the actors.
     tasks = {"num_cpus": config.cpus_per_task, "memory": config.task_memory_mb * (1 << 20),
              "max_retries": config.task_retries}
+    # SPREAD: one actor per node where the cluster allows, so a lost node takes as few of them as possible.
     actors = {"num_cpus": config.cpus_per_worker, "max_restarts": config.task_retries,
-              "max_task_retries": config.task_retries}
+              "max_task_retries": config.task_retries, "scheduling_strategy": "SPREAD"}
     if config.gpus_per_worker:
         actors["num_gpus"] = config.gpus_per_worker
     return tasks, actors
@@ -534,13 +540,12 @@ def build_dataset(config: DenoiseConfig, settings: Settings, sources: list[Sourc
     return finished
 
 
-def unfinished_rows(sources: list[Source], keys_seen: set[str], *, settings: Settings, config: DenoiseConfig,
-                    run_id: str) -> list[dict]:
-    """Error rows (and records, retried next run) for sources of which no item came back.
+def unfinished_sources(sources: list[Source], keys_seen: set[str]) -> list[Source]:
+    """Sources of which no item came back: their task or actor died more often than
+    ``task_retries`` allows (a node lost, a worker killed for memory) and Ray Data dropped the block.
 
-    That happens only when a task or actor died more often than ``task_retries`` allows and
-    Ray Data dropped its block; an archive that lost only some members is redone next run
-    (its missing members have no record).
+    An archive that lost only some members counts as finished; its missing members have no
+    record, so the next run redoes them.
     """
     by_key = {_text(s.rel): s for s in sources}
     finished = set()
@@ -548,14 +553,17 @@ def unfinished_rows(sources: list[Source], keys_seen: set[str], *, settings: Set
         while key and key not in by_key:
             key = key.rsplit("/", 1)[0] if "/" in key else ""
         finished.add(key)
-    fs, out_root = fsspec_for(config.output, settings, shared=True)
+    return [source for key, source in by_key.items() if key not in finished]
+
+
+def unfinished_rows(sources: list[Source], keys_seen: set[str], *, settings: Settings, config: DenoiseConfig,
+                    run_id: str) -> list[dict]:
+    """Error rows (and records, retried next run) for the :func:`unfinished_sources` of the last pass."""
     rows = []
-    for key, source in by_key.items():
-        if key in finished:
-            continue
-        row = _row(key, source.uri, status="failed", stage="task", reason=(
-            f"no result: its Ray task died {config.task_retries + 1} times (worker killed for memory, or a node "
-            f"lost); retried next run"))
+    for source in unfinished_sources(sources, keys_seen):
+        row = _row(_text(source.rel), source.uri, status="failed", stage="task", reason=(
+            f"no result: its Ray task died {config.task_retries + 1} times in each of {config.passes} pass(es) "
+            f"(worker killed for memory, or a node lost); retried next run"))
         row |= {"retry": True, "denoised": b"", "seconds": 0.0}
         rows.append(finish_row(row, settings=settings, config=config, model_ref="", model_version="",
                                run_id=run_id))
@@ -593,29 +601,41 @@ def run_batch_denoise(config: DenoiseConfig, settings: Settings, *, log: Callabl
                            "ray_submission_id": ray_submission_id() or ""}).acquire(log=log)
     summary = Summary()
     with lease:
-        index = read_state_index(config.output, settings, recipe=config.recipe_tag(model_ref, model_version),
-                                 limits=config.limits_tag, partition=config.partition)
-        dataset = build_dataset(config, settings, sources, index=index, model_ref=model_ref,
-                                model_version=model_version, run_id=run_id)
         start = last = time.perf_counter()
-        seen: set[str] = set()
-        try:
-            for row in dataset.iter_rows():
-                lease.check()
-                seen.add(row["key"])
-                summary.add(row, keep_previews=config.samples)
-                if row["status"] == "failed":
-                    log(f"failed: {row['key']}: {row['reason']}")
-                if time.perf_counter() - last > progress_every_s:
-                    last = time.perf_counter()
-                    summary.seconds = last - start
-                    log(f"progress: {summary.line()}")
-        except PipelineError:
-            raise
-        except Exception as exc:
-            raise RunFailed(f"the Ray Data run failed ({first_line(exc)}); the {summary.done} items done are "
-                            f"recorded, run again to finish the rest") from None
-        for row in unfinished_rows(sources, seen, settings=settings, config=config, run_id=run_id):
+        todo, seen = sources, set()
+        for attempt in range(1, config.passes + 1):
+            # Read again before a later pass: members of a broken archive done meanwhile are skipped.
+            index = read_state_index(config.output, settings, recipe=config.recipe_tag(model_ref, model_version),
+                                     limits=config.limits_tag, partition=config.partition)
+            dataset = build_dataset(config, settings, todo, index=index, model_ref=model_ref,
+                                    model_version=model_version, run_id=run_id)
+            seen = set()
+            log(f"pass {attempt}: {len(todo)} input(s), {config.workers} model actor(s) (placed before any read)")
+            try:
+                for row in dataset.iter_rows():
+                    lease.check()
+                    seen.add(row["key"])
+                    if attempt > 1 and row["status"] == "skipped":
+                        continue  # counted by the pass that did it
+                    summary.add(row, keep_previews=config.samples)
+                    if row["status"] == "failed":
+                        log(f"failed: {row['key']}: {row['reason']}")
+                    if time.perf_counter() - last > progress_every_s:
+                        last = time.perf_counter()
+                        summary.seconds = last - start
+                        log(f"progress: {summary.line()}")
+            except PipelineError:
+                raise
+            except Exception as exc:
+                raise RunFailed(f"the Ray Data run failed ({first_line(exc)}); the {summary.done} items done are "
+                                f"recorded, run again to finish the rest") from None
+            lost = unfinished_sources(todo, seen)
+            if not lost or attempt == config.passes:
+                break
+            log(f"{len(lost)} input(s) came back from no task (a node lost, or a worker killed for memory): "
+                f"pass {attempt + 1}/{config.passes} over them")
+            todo = lost
+        for row in unfinished_rows(todo, seen, settings=settings, config=config, run_id=run_id):
             summary.add(row, keep_previews=0)
             log(f"failed: {row['key']}: {row['reason']}")
         summary.seconds = time.perf_counter() - start
@@ -646,9 +666,9 @@ def log_run(config: DenoiseConfig, settings: Settings, *, summary: Summary, mani
     date = config.date or dt.datetime.fromtimestamp(started, dt.timezone.utc).date().isoformat()
     client = mlflow.MlflowClient(settings.mlflow_uri)
     try:
-        experiment = client.get_experiment_by_name(config.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.experiment)
-        run = client.create_run(experiment_id, start_time=int(started * 1000), tags=tags,
+        experiment_id = ensure_experiment(client, config.experiment)
+        run = client.create_run(experiment_id, start_time=int(started * 1000),
+                                tags={**source_tags("jobs/denoise.py"), **tags},
                                 run_name=f"batch-denoise-{date}")
         run_id, now = run.info.run_id, int(time.time() * 1000)
         params = {k: v for k, v in config.model_dump().items() if k not in ("input", "output")}
@@ -664,4 +684,4 @@ def log_run(config: DenoiseConfig, settings: Settings, *, summary: Summary, mani
         log(f"warning: outputs and manifest are complete, but the MLflow run could not be logged to "
             f"{settings.mlflow_uri} ({first_line(exc)})")
         return ""
-    return f"{settings.mlflow_uri}/#/experiments/{experiment_id}/runs/{run_id}"
+    return ui_url(settings.mlflow_uri, experiment_id, run_id)
