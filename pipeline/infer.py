@@ -22,6 +22,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
@@ -519,19 +520,22 @@ def build_dataset(config: DenoiseConfig, settings: Settings, sources: list[Sourc
     items = ray.data.from_items([{"rel": s.rel, "uri": s.uri, "size": s.size} for s in sources],
                                 override_num_blocks=max(1, min(len(sources), 256)))
     task_args, actor_args = ray_remote_args(config)
-    decoded = items.flat_map(expand_source, **task_args, fn_kwargs={
-        "settings": settings, "limits": config.limits, "index": index, "max_pixels": config.max_pixels,
-        "archive_prefixes": archive_prefixes})
-    denoised = decoded.map_batches(
-        Denoise, batch_size=1, batch_format="numpy", zero_copy_batch=False,
-        fn_constructor_kwargs={"model_uri": model_ref, "settings": settings, "sampler": config.sampler,
-                               "steps": config.steps, "tile": config.tile, "overlap": config.overlap,
-                               "batch_size": config.batch_size, "self_ensemble": config.self_ensemble,
-                               "threads": math.ceil(config.cpus_per_worker)},
-        compute=ray.data.ActorPoolStrategy(size=config.workers), **actor_args)
-    finished = denoised.map(finish_row, **task_args, fn_kwargs={
-        "settings": settings, "config": config, "model_ref": model_ref, "model_version": model_version,
-        "run_id": run_id, "index": index})
+    with warnings.catch_warnings():
+        # The retry caps and SPREAD have no named parameter in Ray 2.60, only the deprecated remote args.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        decoded = items.flat_map(expand_source, **task_args, fn_kwargs={
+            "settings": settings, "limits": config.limits, "index": index, "max_pixels": config.max_pixels,
+            "archive_prefixes": archive_prefixes})
+        denoised = decoded.map_batches(
+            Denoise, batch_size=1, batch_format="numpy", zero_copy_batch=False,
+            fn_constructor_kwargs={"model_uri": model_ref, "settings": settings, "sampler": config.sampler,
+                                   "steps": config.steps, "tile": config.tile, "overlap": config.overlap,
+                                   "batch_size": config.batch_size, "self_ensemble": config.self_ensemble,
+                                   "threads": math.ceil(config.cpus_per_worker)},
+            compute=ray.data.ActorPoolStrategy(size=config.workers), **actor_args)
+        finished = denoised.map(finish_row, **task_args, fn_kwargs={
+            "settings": settings, "config": config, "model_ref": model_ref, "model_version": model_version,
+            "run_id": run_id, "index": index})
     # This dataset's own context (a copy), so the process-wide defaults stay as they were.
     finished.context.enable_progress_bars = False
     finished.context.max_errored_blocks = -1  # a block whose task died after its retries: its items are reported
