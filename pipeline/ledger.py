@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pipeline.errors import PipelineError, first_line
+from pipeline.errors import PipelineError, TransientError, first_line
 from pipeline.settings import Settings
 from pipeline.storage import delete_if, fsspec_for, join, put_if, read_tagged, write_atomic
 
@@ -55,7 +55,7 @@ class LeaseHeld(PipelineError):
     """Another live run owns OUTPUT."""
 
 
-class LeaseLost(PipelineError):
+class LeaseLost(TransientError):
     """This run's lease was taken over, or went unrenewed long enough that it may have been."""
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, checkpoint_files, load_checkpoint_files
 from pipeline.diffusion import DEFAULT_STEPS, SAMPLERS, check_steps, sample
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, is_transient
 from pipeline.model import UNet
 from pipeline.settings import Settings
 from pipeline.storage import fsspec_for, join
@@ -143,7 +143,8 @@ def _registry_version(uri: str, settings: Settings):
         return name, client.get_model_version(name, version)
     except MlflowException as exc:
         detail = str(exc.message if hasattr(exc, "message") else exc).splitlines()[0]
-        raise ModelLoadError(f"cannot resolve {uri} in the MLflow registry at {settings.mlflow_uri}: {detail}") from None
+        raise ModelLoadError(f"cannot resolve {uri} in the MLflow registry at {settings.mlflow_uri}: {detail}",
+                             transient=is_transient(exc)) from None
 
 
 def _files_from_folder(fs, root: str) -> dict[str, bytes]:
@@ -183,7 +184,8 @@ def load_denoiser(uri: str = DEFAULT_MODEL_URI, settings: Settings | None = None
     except ModelLoadError:
         raise
     except Exception as exc:  # network, permissions, MLflow: one line naming the URI
-        raise ModelLoadError(f"cannot load {uri}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise ModelLoadError(f"cannot load {uri}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                             transient=is_transient(exc)) from None
     return Denoiser(model=model.eval(), T=meta["T"], uri=uri, name=name, version=version)
 
 

@@ -29,7 +29,7 @@ def check_mlflow(uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as exc:
         problem = str(getattr(exc, "reason", exc))
     raise TrackingError(f"cannot reach the MLflow tracking server at {uri} ({problem}); start the local "
-                        f"stack with `make up` or set MLFLOW_TRACKING_URI")
+                        f"stack with `make up` or set MLFLOW_TRACKING_URI", transient=not problem.startswith("HTTP 4"))
 
 
 # ---------------------------------------------------------------- conventions

@@ -137,10 +137,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from pipeline.cluster import verbose
     from pipeline.shards import validation_pairs
     from pipeline.tracking import RunLogger
 
-    _quiet_worker_logs()
+    if not verbose():  # DENOISE_VERBOSE reaches the workers in their env (pipeline.cluster)
+        _quiet_worker_logs()
     config = TrainConfig.model_validate(loop_config["config"])
     settings: Settings = loop_config["settings"]
     total: int = loop_config["total_steps"]
@@ -192,6 +194,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     nodes = worker_nodes(world)
     logger = val_pairs = None
     if rank == 0:
+        settings.apply_mlflow_env()  # an authenticated MLflow: its credentials came in the settings
         logger = RunLogger(loop_config["mlflow_uri"], run_id)
         logger.start(METRIC_KEYS)
         logger.tags({"worker_nodes": ",".join(ip for ip, _ in nodes),
@@ -489,14 +492,14 @@ def train(config: TrainConfig, settings: Settings, *, promote: bool = False, reg
     """Check, train (or resume) on the Ray cluster, register the EMA model; returns a summary."""
     from pipeline.cluster import init_ray, require_shared
     from pipeline.storage import arrow_fs_for, check_storage, is_s3
-    from pipeline.tracking import check_mlflow, open_training_run
+    from pipeline.tracking import check_mlflow, open_training_run, training_datasets
 
     if is_s3(config.dataset) or is_s3(config.storage_path or "s3://"):
         check_storage(settings)
     card = check_dataset(config, settings)
     check_mlflow(settings.mlflow_uri)
     total = plan_steps(config, card)
-    init_ray(settings, runtime_env={"env_vars": {"RAY_DATA_LOG_LEVEL": "WARNING"}})
+    init_ray(settings)
     # Workers read the dataset and write checkpoints: on a cluster neither may be on this disk.
     require_shared(settings, dataset=config.dataset, storage_path=config.storage_path)
     run_name = config.run_name or time.strftime("train-%Y%m%d-%H%M%S")
@@ -510,7 +513,8 @@ def train(config: TrainConfig, settings: Settings, *, promote: bool = False, reg
     location = f"{storage_uri.rstrip('/')}/{run_name}"
     run_id, resumed, changed = open_training_run(
         settings.mlflow_uri, experiment=config.mlflow.experiment, run_name=run_name, location=location,
-        params=params, tags={"dataset": config.dataset, **({"git_commit": commit} if commit else {})})
+        params=params, tags={"dataset": config.dataset, **({"git_commit": commit} if commit else {})},
+        datasets=training_datasets(config.dataset, card))
     log(f"run {run_name}: {total} steps on {config.scaling.num_workers} worker(s), checkpoints in {location}, "
         f"MLflow run {run_id}{' (resumed)' if resumed else ''}")
     if changed:
@@ -545,11 +549,13 @@ def _fit(config: TrainConfig, settings: Settings, *, total: int, run_id: str, st
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipeline.cluster import train_data_config, verbose
     from pipeline.shards import training_patches
 
     data_context = ray.data.DataContext.get_current()
-    data_context.enable_progress_bars = False
-    data_context.print_on_execution_start = False
+    # No bars from the split coordinator, and no "progress bars disabled" warning either: it logs its
+    # progress at INFO instead, kept off the console unless DENOISE_VERBOSE is set (pipeline.cluster).
+    data_context.use_ray_tqdm = False
     patches = training_patches(config.dataset, settings, patch_size=config.data.patch_size,
                                crops_per_image=config.data.crops_per_image, seed=config.data.seed,
                                noise_seed=config.data.noise.seed, noise_model=config.data.noise.model,
@@ -571,9 +577,10 @@ def _fit(config: TrainConfig, settings: Settings, *, total: int, run_id: str, st
                                                          checkpoint_score_attribute="val_psnr",
                                                          checkpoint_score_order="max"),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
         datasets={"train": patches},
+        dataset_config=train_data_config(),
     )
     try:
         result = trainer.fit()
@@ -606,7 +613,8 @@ def register(config: TrainConfig, settings: Settings, checkpoint, *, run_id: str
         check_mlflow(settings.mlflow_uri)
     except TrackingError as exc:
         raise TrainingError(f"training finished but the model was not registered: {exc}; once MLflow is back, "
-                            f"rerun with --name {config.run_name} to register the last checkpoint") from None
+                            f"rerun with --name {config.run_name} to register the last checkpoint",
+                            transient=exc.transient) from None
     with checkpoint.as_directory() as folder:
         model, meta = load_checkpoint(folder)
     mlflow.set_tracking_uri(settings.mlflow_uri)

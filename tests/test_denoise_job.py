@@ -194,7 +194,7 @@ def test_a_run_whose_lease_was_taken_over_stops_before_merging_and_its_work_is_m
             other.append(RunLease(args[1], load_settings(), run_id="nightly-2", ttl_s=600).acquire(log=print))
 
     without_ray.append(take_over_after_the_first_item)
-    assert main(args) == 2
+    assert main(args) == 75  # transient: the next run merges this one's work
     captured = capsys.readouterr()
     assert "lease: took over the stale lease of run" in captured.out
     assert captured.err.count("\n") == 1 and re.match(

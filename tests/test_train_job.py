@@ -214,7 +214,7 @@ def test_mlflow_going_away_mid_run_does_not_stop_training(tmp_path, settings, s3
         server.server_close()
     out = "".join(lines)
     assert "step 4/20" in out and "step 20/20" in out, out[-4000:]
-    assert proc.returncode == 2, out[-4000:]
+    assert proc.returncode == 75, out[-4000:]  # transient: a rerun once MLflow is back registers it
     assert "warning: MLflow logging failed" in out
     assert "error: training finished but the model was not registered: cannot reach the MLflow tracking server" in out
     assert "rerun with --name no-mlflow" in out
@@ -229,7 +229,7 @@ def test_missing_dataset_or_mlflow_is_a_clear_error_before_ray(tmp_path, setting
     unreachable = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9", "RAY_ADDRESS": "127.0.0.1:1"}
     config = write_config(tmp_path, tiny_dataset, f"{s3_prefix}/checkpoints")
     proc = run_job("train.py", "--config", str(config), env=unreachable, timeout=120)
-    assert proc.returncode == 2
+    assert proc.returncode == 75
     assert proc.stderr.strip().startswith("error: cannot reach the MLflow tracking server at http://127.0.0.1:9")
 
     config = write_config(tmp_path, s3_prefix, f"{s3_prefix}/checkpoints")
