@@ -93,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     x = np.linspace(-1, 1, args.rows, dtype=np.float32)
     ray.data.from_items([{"x": float(v), "y": float(3 * v + 1)} for v in x]) \
         .repartition(4).write_parquet(data_path, filesystem=fs)
-    dataset = ray.data.read_parquet(data_path, filesystem=fs)
+    # Half a CPU per read task: each worker node keeps the other half of its CPU for them.
+    dataset = ray.data.read_parquet(data_path, filesystem=fs, num_cpus=0.5)
     rows = dataset.count()
     if rows != args.rows:
         raise RuntimeError(f"wrote {args.rows} rows to s3://{data_path} but read back {rows}")
@@ -104,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         train_loop,
         train_loop_config={"epochs": args.epochs, "mlflow_uri": settings.mlflow_uri, "settings": settings,
                            "experiment": args.experiment, "run_name": run_name},
-        # Fractional CPUs leave room for Ray Data's read tasks on a 2-core machine.
+        # Fractional CPUs, one worker per node, leave room for Ray Data's read tasks on every node.
         scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=False,
-                                               resources_per_worker={"CPU": 0.5}),
+                                               resources_per_worker={"CPU": 0.5}, placement_strategy="SPREAD"),
         run_config=ray.train.RunConfig(name=run_name, storage_path=f"{settings.bucket}/{prefix}/checkpoints",
                                        storage_filesystem=fs),
         datasets={"train": dataset},

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -31,9 +33,15 @@ def test_the_head_offers_no_cpu_and_two_worker_nodes_do_the_work(stack_env, ray_
 
     status = subprocess.run([*STACK, "status"], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stdout + status.stderr
-    assert "ray nodes      3 alive" in status.stdout
+    assert status.stdout.count("ALIVE") == 3 and "ray nodes      3 alive" in status.stdout
     for ip in ("127.0.0.2", "127.0.0.3"):
         assert any(line.split()[:2] == [ip, "worker"] for line in status.stdout.splitlines()), status.stdout
+    # Ray's own view agrees: three active nodes, the workers' CPUs in all
+    ray_status = subprocess.run([str(Path(sys.executable).parent / "ray"), "status"], capture_output=True,
+                                text=True, timeout=120, env={**os.environ, **stack_env}).stdout
+    active = ray_status.split("Active:")[1].split("Pending:")[0]
+    assert len([line for line in active.splitlines() if "node_" in line]) == 3, ray_status
+    assert f"/{sum(n['Resources']['CPU'] for n in workers):.1f} CPU" in ray_status, ray_status
 
 
 def test_a_file_the_driver_writes_to_tmp_is_not_there_for_tasks(ray_cluster):

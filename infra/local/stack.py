@@ -609,8 +609,10 @@ def status() -> int:
             print(f"    {label:22s} {url}")
     nodes = ray_nodes(env) if all_up or SERVICES[2].running(env) else []
     if nodes:
-        print(f"ray nodes      {sum(n['state'] == 'ALIVE' for n in nodes)} alive")
-        for node in sorted(nodes, key=lambda n: (not n.get("is_head_node"), n["node_ip"])):
+        alive = [n for n in nodes if n["state"] == "ALIVE"]
+        dead = len(nodes) - len(alive)
+        print(f"ray nodes      {len(alive)} alive" + (f" ({dead} dead of earlier runs not shown)" if dead else ""))
+        for node in sorted(alive, key=lambda n: (not n.get("is_head_node"), n["node_ip"])):
             res = node.get("resources_total") or {}
             print(f"    {node['node_ip']:11s} {'head  ' if node.get('is_head_node') else 'worker'} {node['state']:6s} "
                   f"CPU {res.get('CPU', 0):g}  GPU {res.get('GPU', 0):g}  "
