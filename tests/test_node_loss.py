@@ -86,7 +86,7 @@ def test_a_node_lost_mid_training_resumes_from_the_last_s3_checkpoint(tmp_path, 
 
     client = mlflow.MlflowClient(settings.mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name("tests-train").experiment_id],
-                              filter_string="attributes.run_name = 'node-lost'")
+                              filter_string=f"tags.`denoise.train_run` = '{storage}/node-lost'")
     assert len(runs) == 1  # one run across both attempts
     run = runs[0]
     assert metric_steps(client, run.info.run_id, "train_loss") == list(range(1, 33))  # no step twice

@@ -1,7 +1,7 @@
 """The local stack: SeaweedFS (S3), an MLflow server and a Ray cluster on this machine.
 
-    python infra/local/stack.py up [--workers N] [COMPONENT ...] | down | status | env [--show-secrets]
-                                 | kill-node INDEX
+    python infra/local/stack.py up|down|status|env|kill-node  (up [--workers N] [COMPONENT ...],
+                                 env [--show-secrets], kill-node INDEX)
 
 The Ray cluster is a head node that offers no CPU to tasks (as KubeRay heads usually run) and N
 worker nodes (``--workers``, ``DENOISE_RAY_WORKERS``, default 2), each its own raylet on its own
