@@ -45,12 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.demo_data import (TEST_PHOTOS, TRAIN_PHOTOS, VAL_PHOTOS, dead_leaves, demo_image,  # noqa: E402
                                 noise_blocks)
-from pipeline.diffusion import sample, time_weights, training_loss  # noqa: E402
+from pipeline.diffusion import sample, time_weights  # noqa: E402
 from pipeline.images import to_float  # noqa: E402
 from pipeline.metrics import psnr  # noqa: E402
 from pipeline.model import ModelConfig, UNet, model_stats  # noqa: E402
 from pipeline.noise import TEST_CAMERA, TRAIN_CAMERA, synthesize_pair  # noqa: E402
 from pipeline.shards import fresh_noise_crops  # noqa: E402
+from pipeline.step import train_step  # noqa: E402
 
 CANDIDATES: dict[str, ModelConfig] = {
     "res16": ModelConfig(width=16, channel_mults=(1, 2, 4, 8), block="res"),  # the old tiny
@@ -194,11 +195,9 @@ def run(name: str, config: ModelConfig, recipe: dict, *, cpu_minutes: float, see
         d0 = time.process_time()
         clean, noisy = pool.batch(recipe["batch"], recipe["patch"])
         data_cpu += time.process_time() - d0
-        loss = training_loss(model, clean, noisy, T=T, kind=recipe["loss"], weights=weights)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip"])
-        opt.step()
+        # The shipped step; no scheduler (the learning rate above follows CPU time) and no EMA (scored raw).
+        loss = train_step(model=model, optimizer=opt, clean=clean, noisy=noisy, T=T, kind=recipe["loss"],
+                          weights=weights, grad_clip=recipe["clip"])
         losses.append(loss.item())
         step += 1
         if step % 100 == 0:

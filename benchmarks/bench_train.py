@@ -3,8 +3,9 @@
     python benchmarks/bench_train.py [--repeats 3] [--steps 120] [--out results.json]
 
 Every Ray arm is one TrainConfig, and its plain arm is built from that same config: the same
-model, optimizer and schedule, loss, T, clipping, EMA, patch size and global batch (batch x
-workers), and as many torch threads in all. Arms are interleaved and repeated, medians reported:
+model, optimizer and schedule, loss, T, time weights, clipping, EMA, patch size and global batch
+(batch x workers), and as many torch threads in all; both arms run ``pipeline.step.train_step``.
+Arms are interleaved and repeated, medians reported:
 
 - ray-1w:  jobs' trainer with 1 worker (0.5 CPU reserved, 2 torch threads), data streamed by Ray Data,
            batch 16; plain-1w: its plain loop;
@@ -38,12 +39,13 @@ import torch  # noqa: E402
 
 from pipeline.config import TrainConfig  # noqa: E402
 from pipeline.demo_data import DEMO_IMAGES, demo_pairs  # noqa: E402
-from pipeline.diffusion import training_loss  # noqa: E402
+from pipeline.diffusion import time_weights  # noqa: E402
 from pipeline.images import encode_png, to_float  # noqa: E402
 from pipeline.model import UNet  # noqa: E402
 from pipeline.settings import load_settings  # noqa: E402
 from pipeline.shards import aligned_crops, write_json, write_split  # noqa: E402
-from pipeline.train import lr_factor, train, update_ema  # noqa: E402
+from pipeline.step import train_step  # noqa: E402
+from pipeline.train import lr_factor, train  # noqa: E402
 
 PATCH, CROPS, BATCH, WARMUP_STEPS = 64, 32, 16, 25
 
@@ -94,8 +96,8 @@ def plain_loop_process(pairs, config: TrainConfig) -> float:
 
 
 def plain_loop(pairs, config: TrainConfig) -> float:
-    """The trainer's step for ``config`` in one process, on its global batch, over patches decoded
-    once into memory; steady samples/s. Needs ``train.steps``."""
+    """The trainer's step (``train_step``) for ``config`` in one process, on its global batch, over
+    patches decoded once into memory; steady samples/s. Needs ``train.steps``."""
     workers, train_section, opt = config.scaling.num_workers, config.train, config.optimizer
     batch, steps = train_section.batch_size * workers, train_section.steps
     torch.set_num_threads((train_section.threads_per_worker or 1) * workers)
@@ -113,21 +115,16 @@ def plain_loop(pairs, config: TrainConfig) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup=opt.warmup_steps, total=steps, min_ratio=opt.min_lr_ratio))
+    t_weights = time_weights(config.diffusion.T, at_T=config.diffusion.time_mass_at_T)
+    ema_decay = opt.ema_decay_for(steps)
     started = None
     for step in range(steps):
         if step == WARMUP_STEPS:
             started = time.perf_counter()
         index = torch.randint(0, len(clean), (batch,))
-        loss = training_loss(model.train(), clean[index], noisy[index], T=config.diffusion.T,
-                             kind=config.diffusion.loss)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if opt.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        update_ema(ema, model, decay=opt.ema_decay, step=step)
-        loss.item()
+        train_step(model=model, optimizer=optimizer, clean=clean[index], noisy=noisy[index], T=config.diffusion.T,
+                   kind=config.diffusion.loss, weights=t_weights, grad_clip=opt.grad_clip, scheduler=scheduler,
+                   ema=ema, ema_decay=ema_decay, step=step).item()
     return (steps - WARMUP_STEPS) * batch / (time.perf_counter() - started)
 
 

@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.ablation import CANDIDATES, Pool, eval_blocks  # noqa: E402
 from pipeline.demo_data import VAL_PHOTOS  # noqa: E402
-from pipeline.diffusion import sample, training_loss  # noqa: E402
+from pipeline.diffusion import sample  # noqa: E402
 from pipeline.metrics import psnr  # noqa: E402
 from pipeline.model import UNet  # noqa: E402
 from pipeline.noise import TRAIN_CAMERA  # noqa: E402
+from pipeline.step import train_step  # noqa: E402
 
 LR, WARMUP, TOTAL, BATCH, T = 2e-3, 200, 2500, 8, 1000
 
@@ -70,11 +71,8 @@ def run(spec: str, seed: int, steps: int, batch: int = BATCH) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr
         target, degraded = pool.batch(batch, 64)
-        loss = training_loss(model, target, degraded, T=T, kind="charbonnier", weights=None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        # The shipped step; no scheduler (the learning rate is set above) and no EMA (the raw model is probed).
+        train_step(model=model, optimizer=opt, clean=target, noisy=degraded, T=T, kind="charbonnier", grad_clip=1.0)
         if step % 100 == 0:
             curve.append(val_psnr())
     last = {}

@@ -22,10 +22,11 @@ from skimage import data as skdata
 from skimage.util import img_as_float32
 
 from pipeline.checkpoint import save_checkpoint
-from pipeline.diffusion import sample, training_loss
+from pipeline.diffusion import sample
 from pipeline.tiling import denoise_tiled
 from pipeline.metrics import psnr, ssim
 from pipeline.model import build_model, model_stats
+from pipeline.step import train_step
 
 TRAIN_IMAGES = ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")
 HELD_OUT_IMAGE = "chelsea"
@@ -96,11 +97,9 @@ def main() -> None:
             group["lr"] = lr
         clean = random_crops(train_images, args.batch, args.patch, gen)
         noisy = add_noise(clean, args.read_sigma, args.shot_gain, gen)
-        loss = training_loss(model, clean, noisy, T=args.T, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        # The shipped step; no scheduler (the learning rate above follows wall-clock time) and no EMA.
+        loss = train_step(model=model, optimizer=opt, clean=clean, noisy=noisy, T=args.T, generator=gen,
+                          grad_clip=1.0)
         recent.append(loss.item())
         step += 1
         if time.perf_counter() - last_report > 20:

@@ -27,12 +27,13 @@ import torch
 
 from pipeline.checkpoint import CONFIG_FILE, WEIGHTS_FILE, checkpoint_files, load_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.diffusion import sample, time_weights, training_loss
+from pipeline.diffusion import sample, time_weights
 from pipeline.errors import PipelineError
 from pipeline.images import to_uint8
 from pipeline.metrics import psnr, ssim
 from pipeline.model import UNet
 from pipeline.settings import Settings
+from pipeline.step import train_step
 from pipeline.version import git_commit
 
 TRAIN_STATE = "train_state.pt"
@@ -48,6 +49,7 @@ class TrainingError(PipelineError):
 
 
 # ---------------------------------------------------------------- the math of one run (no Ray)
+# (the step itself and the EMA it updates: pipeline.step)
 
 def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
     """Linear warmup to 1, then a cosine down to ``min_ratio`` at ``total``."""
@@ -55,13 +57,6 @@ def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, *, decay: float, step: int) -> None:
-    """EMA with a short warm-up, so a run of a few hundred steps exports trained weights, not the init."""
-    decay = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
 
 
 @torch.no_grad()
@@ -211,18 +206,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                            device=device, drop_last=True,
                                            local_shuffle_buffer_size=config.data.shuffle_buffer or None)
         for batch in clock.waiting(nonempty_epoch(batches, rank=rank, batch_size=config.train.batch_size)):
-            with autocast:
-                loss = training_loss(ddp_model.train(), batch["clean"], batch["noisy"], T=config.diffusion.T,
-                                     kind=config.diffusion.loss, weights=t_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if opt.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            update_ema(ema, model, decay=ema_decay, step=step)
+            loss = train_step(model=ddp_model, bare_model=model, optimizer=optimizer, clean=batch["clean"],
+                              noisy=batch["noisy"], T=config.diffusion.T, kind=config.diffusion.loss,
+                              weights=t_weights, grad_clip=opt.grad_clip, scheduler=scheduler, ema=ema,
+                              ema_decay=ema_decay, step=step, autocast=autocast)
             step += 1
-            losses.append(loss.detach())
+            losses.append(loss)
             clock.stepped(step)
 
             if step % config.train.log_every == 0 or step == total:

@@ -12,7 +12,8 @@ import torch
 
 from pipeline.config import ConfigError, apply_overrides, load_config, parse_override
 from pipeline.model import PRESETS, ModelConfig, UNet
-from pipeline.train import Clock, evaluate, lr_factor, rng_state, set_rng_state, update_ema
+from pipeline.step import update_ema
+from pipeline.train import Clock, evaluate, lr_factor, rng_state, set_rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
 

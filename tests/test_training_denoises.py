@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from pipeline.demo_data import demo_image
-from pipeline.diffusion import DEFAULT_STEPS, sample, training_loss
+from pipeline.diffusion import DEFAULT_STEPS, sample
 from pipeline.images import to_float
 from pipeline.metrics import psnr
 from pipeline.model import build_model
 from pipeline.shards import aligned_crops, center_crop
-from pipeline.train import lr_factor, update_ema
+from pipeline.step import train_step
+from pipeline.train import lr_factor
 
 SIGMA = 0.1  # white Gaussian noise: noisy inputs at ~20 dB
 TRAIN = ("astronaut", "coffee", "rocket", "immunohistochemistry")
@@ -52,17 +53,12 @@ def test_a_few_hundred_steps_beat_the_noisy_input_on_held_out_photos(one_thread)
         optimizer, lambda s: lr_factor(s, warmup=20, total=STEPS, min_ratio=0.1))
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)
     losses = []
-    for step in range(STEPS):  # the step of pipeline.train's loop, without Ray and DDP
+    for step in range(STEPS):  # pipeline.train's step itself, without Ray and DDP
         crops = [aligned_crops(c, n, patch_size=PATCH, crops=BATCH // len(pairs), rng=rng) for c, n in pairs]
         clean = torch.from_numpy(np.concatenate([c for c, _ in crops]))
         noisy = torch.from_numpy(np.concatenate([n for _, n in crops]))
-        loss = training_loss(model.train(), clean, noisy, T=T, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        update_ema(ema, model, decay=0.999, step=step)
+        loss = train_step(model=model, optimizer=optimizer, clean=clean, noisy=noisy, T=T, generator=generator,
+                          grad_clip=1.0, scheduler=schedule, ema=ema, ema_decay=0.999, step=step)
         losses.append(loss.item())
     assert np.mean(losses[-50:]) < 0.5 * np.mean(losses[:10])
 
