@@ -93,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     x = np.linspace(-1, 1, args.rows, dtype=np.float32)
     ray.data.from_items([{"x": float(v), "y": float(3 * v + 1)} for v in x]) \
         .repartition(4).write_parquet(data_path, filesystem=fs)
-    # Half a CPU per read task: each worker node keeps the other half of its CPU for them.
-    dataset = ray.data.read_parquet(data_path, filesystem=fs, num_cpus=0.5)
+    # Read before the workers start: Ray Data's file listing asks a whole CPU, which no node keeps
+    # free beside the workers on a cluster of 1-CPU nodes; the workers then stream the blocks read.
+    dataset = ray.data.read_parquet(data_path, filesystem=fs, num_cpus=0.5).materialize()
     rows = dataset.count()
     if rows != args.rows:
         raise RuntimeError(f"wrote {args.rows} rows to s3://{data_path} but read back {rows}")
